@@ -1,0 +1,24 @@
+//! selfsup-data: datasets, augmentations and a deterministic loader.
+//!
+//! Invariants: this crate knows no models. A batch is a pure function of
+//! `(seed, epoch, batch index)`, whatever the thread count. Errors are a [`DataError`] enum
+//! callers can act on; every message names the file or value at fault.
+
+pub mod augment;
+pub mod dataset;
+pub mod error;
+pub mod idx;
+pub mod loader;
+
+pub use augment::ViewConfig;
+pub use dataset::ImageSet;
+pub use error::DataError;
+pub use loader::Loader;
+
+/// Which half of a labelled dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Test,
+}

@@ -1,0 +1,96 @@
+//! Layers shared by the backbones, channels-last, with PyTorch weight names and layouts.
+//!
+//! `Conv2d` keeps the `(c_out, c_in, kh, kw)` weight and runs [`selfsup_ops::conv2d_nhwc`].
+//! `BatchNorm` normalises the last axis, so it serves both 2-D maps `(b, h, w, c)` and
+//! projector activations `(b, d)`; its running statistics are buffers (see `store`).
+
+use candle_core::{Module, Result, Tensor, Var};
+use candle_nn::{init, Init};
+use selfsup_ops::norm::{batch_norm_eval, batch_norm_train};
+
+use crate::store::Vb;
+
+/// 2-D convolution on channels-last activations. Weight `weight`, optional `bias`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// timm's ResNet init: Kaiming normal, fan-out, ReLU gain; no bias.
+    pub fn no_bias(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize, vb: Vb) -> Result<Self> {
+        let hint = Init::Kaiming {
+            dist: init::NormalOrUniform::Normal,
+            fan: init::FanInOut::FanOut,
+            non_linearity: init::NonLinearity::ReLU,
+        };
+        let weight = vb.params.get_with_hints((c_out, c_in, k, k), "weight", hint)?;
+        Ok(Self { weight, bias: None, stride, padding })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    /// xs: (b, h, w, c_in) -> (b, ho, wo, c_out)
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = selfsup_ops::conv2d_nhwc(xs, &self.weight, self.stride, self.padding)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// Batch normalisation over the last axis (PyTorch `BatchNorm1d`/`BatchNorm2d` semantics,
+/// momentum 0.1, eps 1e-5). Parameters `weight`, `bias`; buffers `running_mean`, `running_var`.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm {
+    pub fn new(c: usize, vb: Vb) -> Result<Self> {
+        Self::with_weight_init(c, 1.0, vb)
+    }
+
+    /// `gamma` is the initial scale; 0 makes a residual branch start as the identity.
+    pub fn with_weight_init(c: usize, gamma: f64, vb: Vb) -> Result<Self> {
+        let weight = vb.params.get_with_hints(c, "weight", Init::Const(gamma))?;
+        let bias = vb.params.get_with_hints(c, "bias", Init::Const(0.0))?;
+        let running_mean = Var::from_tensor(&vb.buffers.get_with_hints(c, "running_mean", Init::Const(0.0))?)?;
+        let running_var = Var::from_tensor(&vb.buffers.get_with_hints(c, "running_var", Init::Const(1.0))?)?;
+        Ok(Self { weight, bias, running_mean, running_var, eps: 1e-5, momentum: 0.1 })
+    }
+
+    /// xs: (..., c). In training mode normalises with batch statistics and folds them into
+    /// the running estimates; in evaluation mode uses the running estimates.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return batch_norm_eval(xs, &self.weight, &self.bias, &self.running_mean, &self.running_var, self.eps);
+        }
+        let (ys, stats) = batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
+        let m = self.momentum;
+        self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?)?;
+        self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (stats.var_unbiased * m)?)?)?;
+        Ok(ys)
+    }
+}
+
+/// `Linear` with PyTorch's default init (Kaiming uniform, a = sqrt(5); bias U(+-1/sqrt(fan_in))).
+pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<candle_nn::Linear> {
+    let bound = 1.0 / (d_in as f64).sqrt();
+    let weight = vb.params.get_with_hints((d_out, d_in), "weight", Init::Uniform { lo: -bound, up: bound })?;
+    let bias = if bias { Some(vb.params.get_with_hints(d_out, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
+    Ok(candle_nn::Linear::new(weight, bias))
+}

@@ -1,0 +1,280 @@
+//! ResNet (He et al., CVPR 2016), channels-last, with timm's weight names.
+//!
+//! Reference: timm `resnet.py` (`BasicBlock`, `Bottleneck` with the stride on the 3x3 conv,
+//! torchvision "v1.5"). Weight names match timm/torchvision (`conv1`, `bn1`, `layer1.0.conv1`,
+//! `layer1.0.downsample.0`, ...), so a timm state_dict loads through [`remap_key`] (which drops
+//! `num_batches_tracked` and the classifier `fc`).
+//!
+//! Deviations and choices:
+//! - Only the small-image stem is implemented so far: 3x3 stride-1 conv + BN + ReLU, no
+//!   max-pool (the CIFAR variant used by solo-learn and lightly). The ImageNet stem needs an
+//!   overlapping max-pool with a backward, which candle lacks (CANDLE.md 1.3).
+//! - The classifier is not part of the backbone (timm's `num_classes=0`).
+//! - Init follows timm: Kaiming-normal fan-out convs, BN gamma 1, beta 0; the last BN of each
+//!   residual branch starts at gamma 1 (timm's `zero_init_last` is off by default).
+
+use candle_core::{Module, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{BatchNorm, Conv2d};
+use crate::store::Vb;
+use crate::Backbone;
+
+/// Residual block type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// Two 3x3 convs (ResNet-18/34). Expansion 1.
+    Basic,
+    /// 1x1 -> 3x3 (strided) -> 1x1 (ResNet-50+). Expansion 4.
+    Bottleneck,
+}
+
+impl BlockKind {
+    fn expansion(self) -> usize {
+        match self {
+            Self::Basic => 1,
+            Self::Bottleneck => 4,
+        }
+    }
+}
+
+/// One stage: `depth` blocks of width `width` (before expansion); the first has `stride`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageConfig {
+    pub depth: usize,
+    pub width: usize,
+    pub stride: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub block: BlockKind,
+    pub stages: Vec<StageConfig>,
+    pub in_chans: usize,
+    /// Output channels of the stem conv.
+    pub stem_width: usize,
+}
+
+impl Config {
+    fn standard(block: BlockKind, depths: [usize; 4], in_chans: usize) -> Self {
+        let widths = [64, 128, 256, 512];
+        let strides = [1, 2, 2, 2];
+        let stages = (0..4).map(|i| StageConfig { depth: depths[i], width: widths[i], stride: strides[i] }).collect();
+        Self { block, stages, in_chans, stem_width: 64 }
+    }
+
+    pub fn resnet18(in_chans: usize) -> Self {
+        Self::standard(BlockKind::Basic, [2, 2, 2, 2], in_chans)
+    }
+
+    pub fn resnet34(in_chans: usize) -> Self {
+        Self::standard(BlockKind::Basic, [3, 4, 6, 3], in_chans)
+    }
+
+    pub fn resnet50(in_chans: usize) -> Self {
+        Self::standard(BlockKind::Bottleneck, [3, 4, 6, 3], in_chans)
+    }
+
+    /// Replaces the stage widths (and sets the stem to the first width): a narrow network
+    /// with the same topology, for small images and small machines.
+    pub fn with_widths(mut self, widths: &[usize]) -> Result<Self> {
+        if widths.len() != self.stages.len() || widths.contains(&0) {
+            candle_core::bail!(
+                "resnet: `widths` needs {} positive values, got {widths:?}",
+                self.stages.len()
+            )
+        }
+        for (s, &w) in self.stages.iter_mut().zip(widths) {
+            s.width = w;
+        }
+        self.stem_width = widths[0];
+        Ok(self)
+    }
+
+    /// Channels of the final feature map.
+    pub fn num_features(&self) -> usize {
+        self.stages.last().map_or(self.stem_width, |s| s.width * self.block.expansion())
+    }
+
+    /// Total downsampling factor of the network.
+    pub fn stride(&self) -> usize {
+        self.stages.iter().map(|s| s.stride).product()
+    }
+}
+
+#[derive(Debug)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+#[derive(Debug)]
+struct Block {
+    convs: Vec<(Conv2d, BatchNorm)>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(kind: BlockKind, c_in: usize, width: usize, stride: usize, vb: Vb) -> Result<Self> {
+        let c_out = width * kind.expansion();
+        // (c_in, c_out, kernel, stride, padding) per conv, named conv1.. / bn1..
+        let shapes = match kind {
+            BlockKind::Basic => vec![(c_in, width, 3, stride, 1), (width, width, 3, 1, 1)],
+            BlockKind::Bottleneck => {
+                vec![(c_in, width, 1, 1, 0), (width, width, 3, stride, 1), (width, c_out, 1, 1, 0)]
+            }
+        };
+        let mut convs = Vec::with_capacity(shapes.len());
+        for (i, (ci, co, k, s, p)) in shapes.into_iter().enumerate() {
+            let conv = Conv2d::no_bias(ci, co, k, s, p, vb.pp(format!("conv{}", i + 1)))?;
+            let bn = BatchNorm::new(co, vb.pp(format!("bn{}", i + 1)))?;
+            convs.push((conv, bn));
+        }
+        let downsample = if stride != 1 || c_in != c_out {
+            let vb = vb.pp("downsample");
+            Some(Downsample {
+                conv: Conv2d::no_bias(c_in, c_out, 1, stride, 0, vb.pp("0"))?,
+                bn: BatchNorm::new(c_out, vb.pp("1"))?,
+            })
+        } else {
+            None
+        };
+        Ok(Self { convs, downsample })
+    }
+
+    /// xs: (b, h, w, c_in) -> (b, h/stride, w/stride, c_out)
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let shortcut = match &self.downsample {
+            Some(d) => d.bn.forward_t(&d.conv.forward(xs)?, train)?,
+            None => xs.clone(),
+        };
+        let last = self.convs.len() - 1;
+        let mut ys = xs.clone();
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            ys = bn.forward_t(&conv.forward(&ys)?, train)?;
+            if i != last {
+                ys = ys.relu()?;
+            }
+        }
+        (ys + shortcut)?.relu()
+    }
+}
+
+/// A ResNet backbone without classifier.
+#[derive(Debug)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    layers: Vec<Vec<Block>>,
+    cfg: Config,
+}
+
+impl ResNet {
+    pub fn new(cfg: &Config, vb: Vb) -> Result<Self> {
+        let conv1 = Conv2d::no_bias(cfg.in_chans, cfg.stem_width, 3, 1, 1, vb.pp("conv1"))?;
+        let bn1 = BatchNorm::new(cfg.stem_width, vb.pp("bn1"))?;
+        let mut c_in = cfg.stem_width;
+        let mut layers = Vec::with_capacity(cfg.stages.len());
+        for (stage_idx, stage) in cfg.stages.iter().enumerate() {
+            let vb = vb.pp(format!("layer{}", stage_idx + 1));
+            let mut blocks = Vec::with_capacity(stage.depth);
+            for j in 0..stage.depth {
+                let stride = if j == 0 { stage.stride } else { 1 };
+                blocks.push(Block::new(cfg.block, c_in, stage.width, stride, vb.pp(j))?);
+                c_in = stage.width * cfg.block.expansion();
+            }
+            layers.push(blocks);
+        }
+        Ok(Self { conv1, bn1, layers, cfg: cfg.clone() })
+    }
+
+    /// xs: (b, c, h, w) -> channels-last final map (b, h', w', c').
+    pub fn forward_nhwc(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, c, _, _) = xs.dims4()?;
+        if c != self.cfg.in_chans {
+            candle_core::bail!("resnet: input has {c} channels, the model expects {}", self.cfg.in_chans)
+        }
+        let xs = xs.permute((0, 2, 3, 1))?.contiguous()?;
+        let mut xs = self.bn1.forward_t(&self.conv1.forward(&xs)?, train)?.relu()?;
+        for block in self.layers.iter().flatten() {
+            xs = block.forward_t(&xs, train)?;
+        }
+        Ok(xs)
+    }
+}
+
+impl Backbone for ResNet {
+    fn forward_features(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_nhwc(xs, train)?.permute((0, 3, 1, 2))
+    }
+
+    fn forward_pooled(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let ys = self.forward_nhwc(xs, train)?;
+        let (b, h, w, c) = ys.dims4()?;
+        ys.reshape((b, h * w, c))?.mean(1)
+    }
+
+    fn num_features(&self) -> usize {
+        self.cfg.num_features()
+    }
+
+    fn stride(&self) -> usize {
+        self.cfg.stride()
+    }
+}
+
+/// Maps a timm/torchvision ResNet state_dict key to selfsup's, or `None` for keys the backbone
+/// does not have (`num_batches_tracked`, the classifier `fc.*`).
+pub fn remap_key(key: &str) -> Option<String> {
+    if key.ends_with("num_batches_tracked") || key.starts_with("fc.") {
+        None
+    } else {
+        Some(key.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Vars;
+    use candle_core::{DType, Device};
+
+    fn build(cfg: &Config) -> (ResNet, Vars) {
+        let vars = Vars::new(0);
+        let m = ResNet::new(cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        (m, vars)
+    }
+
+    #[test]
+    fn parameter_counts_match_torchvision() {
+        // torchvision resnet18/50 minus the 1000-way fc, with the 7x7 stem replaced by 3x3:
+        // 11_689_512 - 513_000 - 9_408 + 1_728 and 25_557_032 - 2_049_000 - 9_408 + 1_728.
+        assert_eq!(build(&Config::resnet18(3)).1.params.num_elements(), 11_168_832);
+        assert_eq!(build(&Config::resnet50(3)).1.params.num_elements(), 23_500_352);
+    }
+
+    #[test]
+    fn timm_names() {
+        let (_, vars) = build(&Config::resnet18(1).with_widths(&[4, 8, 8, 8]).unwrap());
+        for name in ["conv1.weight", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.bias"] {
+            assert!(vars.params.get(name).is_some(), "{name}");
+        }
+        assert!(vars.buffers.get("layer2.0.downsample.1.running_var").is_some());
+        assert_eq!(remap_key("layer1.0.bn1.num_batches_tracked"), None);
+        assert_eq!(remap_key("fc.weight"), None);
+    }
+
+    #[test]
+    fn shapes_and_input_check() {
+        let cfg = Config::resnet50(1).with_widths(&[2, 4, 4, 8]).unwrap();
+        let (m, _) = build(&cfg);
+        let xs = Tensor::ones((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.forward_features(&xs, false).unwrap().dims(), [2, 32, 2, 2]);
+        assert_eq!(m.forward_pooled(&xs, true).unwrap().dims(), [2, 32]);
+        assert_eq!(m.stride(), 8);
+        let bad = Tensor::ones((2, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        assert!(m.forward_pooled(&bad, false).unwrap_err().to_string().contains("3 channels"));
+        assert!(Config::resnet18(1).with_widths(&[1, 2]).is_err());
+    }
+}

@@ -1,0 +1,207 @@
+//! `RunConfig`: everything a pretraining run is, in one TOML file.
+//!
+//! Unknown or mistyped keys are errors that name the key (serde `deny_unknown_fields`), and
+//! [`RunConfig::validate`] rejects impossible values with the field's name. The resolved config
+//! (defaults filled in) is written into the output directory and into every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use selfsup_data::ViewConfig;
+use selfsup_models::ModelConfig;
+use selfsup_objectives::ObjectiveConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::OptimizerConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seeds weight init, shuffling and augmentation.
+    #[serde(default)]
+    pub seed: u64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedules then span `max_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    /// Where checkpoints, logs and the resolved config go.
+    pub output_dir: PathBuf,
+    /// `cpu` or `cuda` (`cuda:N`).
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub objective: ObjectiveConfig,
+    /// One recipe per view the objective consumes.
+    pub views: Vec<ViewConfig>,
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Log a JSON line every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+/// Where the images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub format: DataFormat,
+    pub path: PathBuf,
+    /// Use only the first `limit` training images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// An MNIST-family IDX directory (`train-images-idx3-ubyte[.gz]`, ...).
+    Idx,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Linear warm-up length, in epochs (may be fractional).
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// Learning rate at the end of the cosine.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Clip the global gradient norm to this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { warmup_epochs: 0.0, min_lr: 0.0, clip_grad_norm: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many steps (and always at the end).
+    #[serde(default = "default_every")]
+    pub every: usize,
+    /// How many checkpoints to keep.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: default_every(), keep: default_keep() }
+    }
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_every() -> usize {
+    500
+}
+fn default_keep() -> usize {
+    3
+}
+
+impl RunConfig {
+    /// Parses and validates a TOML file; errors name the file and the key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in config {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Rejects impossible values, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("epochs must be positive")
+        }
+        if self.max_steps == Some(0) {
+            bail!("max_steps must be positive when given")
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size must be positive")
+        }
+        if self.batch_size == 1 {
+            bail!("batch_size must be at least 2 (BatchNorm needs more than one sample)")
+        }
+        if self.log_every == 0 || self.checkpoint.every == 0 || self.checkpoint.keep == 0 {
+            bail!("log_every, checkpoint.every and checkpoint.keep must be positive")
+        }
+        if !(self.schedule.warmup_epochs >= 0.0 && self.schedule.warmup_epochs.is_finite()) {
+            bail!("schedule.warmup_epochs must be a non-negative number, got {}", self.schedule.warmup_epochs)
+        }
+        if !(self.schedule.min_lr >= 0.0 && self.schedule.min_lr <= self.optimizer.lr()) {
+            bail!("schedule.min_lr must be in [0, optimizer lr], got {}", self.schedule.min_lr)
+        }
+        if let Some(c) = self.schedule.clip_grad_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                bail!("schedule.clip_grad_norm must be positive, got {c}")
+            }
+        }
+        if self.data.limit == Some(0) {
+            bail!("data.limit must be positive when given")
+        }
+        self.optimizer.validate()?;
+        self.objective.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if self.views.len() != self.objective.num_views() {
+            bail!("objective `{}` consumes {} views but `views` lists {}", self.objective.id(), self.objective.num_views(), self.views.len())
+        }
+        let stride = self.model.stride().map_err(|e| anyhow::anyhow!("model: {e}"))?;
+        for (i, v) in self.views.iter().enumerate() {
+            v.validate(self.model.in_chans).with_context(|| format!("views[{i}]"))?;
+            if v.size % stride != 0 {
+                bail!("views[{i}].size = {} is not a multiple of the model's stride {stride}", v.size)
+            }
+        }
+        parse_device(&self.device)?;
+        Ok(())
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<DeviceSpec> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(DeviceSpec::Cuda(n)),
+            None => bail!("device must be `cpu`, `cuda` or `cuda:N`, got `{s}`"),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            Self::Cuda(n) => candle_core::Device::new_cuda(n)
+                .with_context(|| format!("opening cuda:{n} (was selfsup built with `--features cuda`?)")),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! selfsup-train: the pretraining loop and everything it owns.
+//!
+//! - [`config`]: `RunConfig`, the TOML a run is described by (unknown keys are errors).
+//! - [`optim`]: SGD (momentum, Nesterov), LARS and AdamW over parameter groups.
+//! - [`schedule`]: learning-rate and momentum schedules as pure functions of progress.
+//! - [`checkpoint`]: atomic safetensors checkpoints with a JSON manifest; keep-last-K.
+//! - [`trainer`]: the loop: views -> loss -> backward -> clip -> step -> EMA -> log.
+//!
+//! This is an edge crate: errors are `anyhow` with context naming the file, field or value.
+
+pub mod checkpoint;
+pub mod config;
+pub mod fsutil;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::RunConfig;
+pub use trainer::Trainer;
+
+#[cfg(test)]
+mod testutil;

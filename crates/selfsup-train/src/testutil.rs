@@ -1,0 +1,98 @@
+//! Test helpers shared by the unit tests of this crate.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use selfsup_objectives::{Losses, Objective};
+
+use crate::RunConfig;
+
+/// The Fashion-MNIST directory, if installed (CI installs it; `.ci/run`).
+pub fn fmnist_dir() -> Option<PathBuf> {
+    let p = PathBuf::from("/usr/share/datasets/fashion-mnist");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); skipping");
+        None
+    }
+}
+
+/// A tiny BYOL run: 64 images, batch 8, `steps` steps, checkpoint every `every`.
+pub fn tiny_config(data: &Path, out: &Path, steps: usize, every: usize) -> RunConfig {
+    let text = format!(
+        r#"
+seed = 7
+epochs = 1
+max_steps = {steps}
+batch_size = 8
+output_dir = "{out}"
+log_every = 1
+[data]
+format = "idx"
+path = "{data}"
+limit = 64
+[model]
+arch = "resnet18"
+in_chans = 1
+widths = [4, 8, 8, 8]
+[objective.byol]
+proj_hidden = 16
+proj_dim = 8
+base_momentum = 0.9
+[[views]]
+size = 16
+crop_scale = [0.3, 1.0]
+hflip = 0.5
+mean = [0.286]
+std = [0.353]
+[[views]]
+size = 16
+crop_scale = [0.3, 1.0]
+hflip = 0.5
+jitter = {{ brightness = 0.4, contrast = 0.4, p = 0.8 }}
+mean = [0.286]
+std = [0.353]
+[optimizer.sgd]
+lr = 0.05
+momentum = 0.9
+weight_decay = 1e-4
+[schedule]
+warmup_epochs = 0.25
+[checkpoint]
+every = {every}
+keep = 2
+"#,
+        out = out.display(),
+        data = data.display()
+    );
+    RunConfig::from_toml(&text).expect("valid test config")
+}
+
+/// A placeholder objective for swapping in tests; never called.
+pub struct Never;
+
+impl Objective for Never {
+    fn num_views(&self) -> usize {
+        unreachable!()
+    }
+    fn loss(&self, _: &[Tensor], _: f64) -> candle_core::Result<Losses> {
+        unreachable!()
+    }
+    fn after_step(&mut self, _: f64) -> candle_core::Result<()> {
+        unreachable!()
+    }
+    fn backbone(&self) -> &dyn selfsup_models::Backbone {
+        unreachable!()
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        unreachable!()
+    }
+    fn load_state(&self, _: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+        unreachable!()
+    }
+    fn stats(&self, _: f64) -> Vec<(&'static str, f64)> {
+        unreachable!()
+    }
+}

@@ -1,0 +1,354 @@
+//! The pretraining loop.
+//!
+//! Per step: the loader's views (a pure function of seed, epoch and index) -> objective loss
+//! -> backward -> optional global-norm clipping -> optimizer step at the scheduled lr ->
+//! objective `after_step` (EMA) -> a JSON log line every `log_every` steps -> a checkpoint
+//! every `checkpoint.every` steps and at the end. A non-finite loss stops the run before the
+//! update, so the last checkpoint stays the last good state. `resume` restores model,
+//! optimizer and objective state and the step, and the run continues exactly.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use selfsup_data::{dataset, ImageSet, Loader, Split};
+use selfsup_models::Vars;
+use selfsup_objectives::Objective;
+
+use crate::checkpoint::{self, Manifest};
+use crate::config::{parse_device, DataFormat, DataConfig, RunConfig};
+use crate::optim::{Optimizer, Param};
+use crate::schedule::{progress, warmup_cosine};
+
+/// Loads a split of the configured dataset (honouring `limit` for the training split).
+pub fn load_split(data: &DataConfig, split: Split) -> Result<ImageSet> {
+    let set = match data.format {
+        DataFormat::Idx => dataset::mnist_family(&data.path, split)?,
+    };
+    Ok(match (split, data.limit) {
+        (Split::Train, Some(n)) => set.take(n),
+        _ => set,
+    })
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: usize,
+    pub last_loss: f64,
+    /// Training images per second over the steps this process ran.
+    pub images_per_sec: f64,
+    pub last_checkpoint: Option<PathBuf>,
+    /// Loss at every step this process ran, in order.
+    pub losses: Vec<f64>,
+}
+
+pub struct Trainer {
+    cfg: RunConfig,
+    config_toml: String,
+    device: Device,
+    loader: Arc<Loader>,
+    objective: Box<dyn Objective>,
+    online: Vars,
+    optimizer: Optimizer,
+    total_steps: usize,
+    warmup_steps: usize,
+    /// The next step to run (= steps completed).
+    step: usize,
+    last_checkpoint: Option<PathBuf>,
+    quiet: bool,
+}
+
+impl Trainer {
+    /// Builds data, model, objective and optimizer from a validated config.
+    pub fn new(cfg: RunConfig) -> Result<Self> {
+        cfg.validate()?;
+        let device = parse_device(&cfg.device)?.open()?;
+        let set = load_split(&cfg.data, Split::Train).context("loading the training data")?;
+        if set.c != cfg.model.in_chans {
+            bail!("model.in_chans = {} but {} has {}-channel images", cfg.model.in_chans, cfg.data.path.display(), set.c)
+        }
+        let loader = Arc::new(Loader::new(Arc::new(set), cfg.views.clone(), cfg.batch_size, cfg.seed)?);
+        let online = Vars::new(cfg.seed);
+        let objective = cfg.objective.build(&cfg.model, &online, &device, cfg.seed).context("building the objective")?;
+        if objective.num_views() != cfg.views.len() {
+            bail!("objective `{}` consumes {} views but `views` lists {}", cfg.objective.id(), objective.num_views(), cfg.views.len())
+        }
+        let params = online.params.vars().into_iter().map(|(name, var)| Param::new(name, var)).collect();
+        let optimizer = Optimizer::new(cfg.optimizer.clone(), params)?;
+        let per_epoch = loader.batches_per_epoch();
+        let mut total_steps = cfg.epochs * per_epoch;
+        if let Some(m) = cfg.max_steps {
+            total_steps = total_steps.min(m);
+        }
+        let warmup_steps = ((cfg.schedule.warmup_epochs * per_epoch as f64).round() as usize).min(total_steps);
+        let config_toml = cfg.to_toml()?;
+        Ok(Self {
+            cfg,
+            config_toml,
+            device,
+            loader,
+            objective,
+            online,
+            optimizer,
+            total_steps,
+            warmup_steps,
+            step: 0,
+            last_checkpoint: None,
+            quiet: false,
+        })
+    }
+
+    /// No progress bar or per-step lines on stderr (tests, benches).
+    pub fn quiet(mut self) -> Self {
+        self.quiet = true;
+        self
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    pub fn online(&self) -> &Vars {
+        &self.online
+    }
+
+    pub fn objective(&self) -> &dyn Objective {
+        self.objective.as_ref()
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.cfg.output_dir.join("checkpoints")
+    }
+
+    /// Restores the newest checkpoint under `path` (run dir, checkpoints dir or file).
+    pub fn resume(&mut self, path: &Path) -> Result<()> {
+        let (manifest, tensors) = checkpoint::load(path, &self.device)?;
+        if manifest.seed != self.cfg.seed {
+            bail!("checkpoint {} was made with seed {}, the config says {}", path.display(), manifest.seed, self.cfg.seed)
+        }
+        if manifest.step > self.total_steps {
+            bail!("checkpoint is at step {}, past this run's {} steps", manifest.step, self.total_steps)
+        }
+        self.online.load(&checkpoint::strip_prefix(&tensors, "model")).context("restoring the model")?;
+        self.objective.load_state(&checkpoint::strip_prefix(&tensors, "objective")).context("restoring the objective state")?;
+        self.optimizer.load_state(&tensors).context("restoring the optimizer")?;
+        self.step = manifest.step;
+        self.last_checkpoint = Some(checkpoint::resolve(path)?);
+        Ok(())
+    }
+
+    fn save(&mut self, loss: f64) -> Result<PathBuf> {
+        let mut tensors: Vec<(String, Tensor)> = self.online.tensors().into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
+        tensors.extend(self.objective.state().into_iter().map(|(k, v)| (format!("objective.{k}"), v)));
+        tensors.extend(self.optimizer.state()?);
+        let manifest = Manifest {
+            step: self.step,
+            epoch: self.step / self.loader.batches_per_epoch(),
+            total_steps: self.total_steps,
+            seed: self.cfg.seed,
+            config: self.config_toml.clone(),
+            loss,
+            tensors: String::new(),
+        };
+        let path = checkpoint::save(&self.checkpoint_dir(), &manifest, &tensors, self.cfg.checkpoint.keep)?;
+        self.last_checkpoint = Some(path.clone());
+        Ok(path)
+    }
+
+    /// Keeps the metrics lines of steps before `self.step` (a resumed run rewrites the rest).
+    fn open_metrics(&self) -> Result<std::fs::File> {
+        let path = self.cfg.output_dir.join("metrics.jsonl");
+        let kept: String = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= self.step))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            Err(_) => String::new(),
+        };
+        std::fs::write(&path, kept).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Runs from the current step to the end.
+    pub fn run(&mut self) -> Result<Summary> {
+        let out = &self.cfg.output_dir;
+        std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
+        crate::fsutil::write_atomic(&out.join("config.toml"), self.config_toml.as_bytes())?;
+        let mut metrics = self.open_metrics()?;
+        let per_epoch = self.loader.batches_per_epoch();
+        let bar = (!self.quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(self.total_steps as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_position(self.step as u64);
+            bar
+        });
+        let start = Instant::now();
+        let first = self.step;
+        let base_lr = self.cfg.optimizer.lr();
+        let mut losses = Vec::new();
+        let mut window = Instant::now();
+        let mut window_steps = 0usize;
+        let mut last_loss = f64::NAN;
+        for (step, views) in self.loader.prefetch(self.step, self.total_steps, 2) {
+            let views = views.with_context(|| format!("loading batch {} of epoch {}", step % per_epoch, step / per_epoch))?;
+            let views = views.iter().map(|v| v.to_device(&self.device)).collect::<candle_core::Result<Vec<_>>>()?;
+            let p = progress(step, self.total_steps);
+            let out = self.objective.loss(&views, p)?;
+            let loss = out.total.to_scalar::<f32>()? as f64;
+            if !loss.is_finite() {
+                let last = match &self.last_checkpoint {
+                    Some(c) => format!("the last good checkpoint is {}", c.display()),
+                    None => "no checkpoint was written yet".to_string(),
+                };
+                bail!("the loss is {loss} at step {step} (epoch {}); stopping before the update: {last}", step / per_epoch)
+            }
+            let grads = out.total.backward()?;
+            let mut grad_scale = 1.0;
+            let mut grad_norm = None;
+            if let Some(max) = self.cfg.schedule.clip_grad_norm {
+                let n = self.optimizer.grad_norm(&grads)?;
+                grad_norm = Some(n);
+                if n > max {
+                    grad_scale = max / (n + 1e-6);
+                }
+            }
+            let lr = warmup_cosine(step, self.total_steps, self.warmup_steps, base_lr, self.cfg.schedule.min_lr);
+            self.optimizer.step(&grads, lr, grad_scale)?;
+            self.objective.after_step(p)?;
+            self.step = step + 1;
+            last_loss = loss;
+            losses.push(loss);
+            window_steps += 1;
+            if let Some(bar) = &bar {
+                bar.set_position(self.step as u64);
+            }
+            if self.step % self.cfg.log_every == 0 || self.step == self.total_steps {
+                let secs = window.elapsed().as_secs_f64();
+                let ips = (window_steps * self.cfg.batch_size) as f64 / secs.max(1e-9);
+                let mut line = serde_json::json!({
+                    "step": self.step, "epoch": step / per_epoch, "loss": loss, "lr": lr, "images_per_sec": ips,
+                    "elapsed_s": start.elapsed().as_secs_f64(),
+                });
+                for (name, t) in &out.parts {
+                    line[*name] = serde_json::json!(t.to_scalar::<f32>()? as f64);
+                }
+                for (name, v) in self.objective.stats(p) {
+                    line[name] = serde_json::json!(v);
+                }
+                if let Some(n) = grad_norm {
+                    line["grad_norm"] = serde_json::json!(n);
+                }
+                writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+                let msg = format!("loss {loss:.4} lr {lr:.2e} {ips:.0} img/s");
+                match &bar {
+                    Some(bar) => bar.set_message(msg),
+                    None if !self.quiet => eprintln!("step {}/{} {msg}", self.step, self.total_steps),
+                    None => {}
+                }
+                window = Instant::now();
+                window_steps = 0;
+            }
+            if self.step % self.cfg.checkpoint.every == 0 || self.step == self.total_steps {
+                self.save(loss)?;
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish();
+        }
+        let ran = self.step - first;
+        Ok(Summary {
+            steps: self.step,
+            last_loss,
+            images_per_sec: (ran * self.cfg.batch_size) as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            last_checkpoint: self.last_checkpoint.clone(),
+            losses,
+        })
+    }
+}
+
+/// The backbone of a checkpoint, ready for evaluation: its config and loaded weights.
+pub fn load_backbone(path: &Path, device: &Device) -> Result<(RunConfig, Box<dyn selfsup_models::Backbone>)> {
+    let (manifest, tensors) = checkpoint::load(path, device)?;
+    let cfg = RunConfig::from_toml(&manifest.config).context("the config stored in the checkpoint")?;
+    let vars = Vars::new(cfg.seed);
+    let backbone = cfg.model.build(vars.vb(candle_core::DType::F32, device).pp("backbone"))?;
+    let model: HashMap<String, Tensor> = checkpoint::strip_prefix(&tensors, "model");
+    let backbone_tensors = checkpoint::strip_prefix(&model, "backbone");
+    let prefixed = backbone_tensors.into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect();
+    vars.load(&prefixed).with_context(|| format!("checkpoint {} does not match its model config", path.display()))?;
+    Ok((cfg, backbone))
+}
+
+/// A randomly initialised backbone exactly as `cfg` would start training.
+pub fn random_backbone(cfg: &RunConfig, device: &Device) -> Result<Box<dyn selfsup_models::Backbone>> {
+    let vars = Vars::new(cfg.seed);
+    Ok(cfg.model.build(vars.vb(candle_core::DType::F32, device).pp("backbone"))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use selfsup_objectives::Losses;
+
+    /// Wraps an objective and returns a NaN loss from step `at` on.
+    struct NanAt {
+        inner: Box<dyn Objective>,
+        at: f64,
+    }
+
+    impl Objective for NanAt {
+        fn num_views(&self) -> usize {
+            self.inner.num_views()
+        }
+        fn loss(&self, views: &[Tensor], progress: f64) -> candle_core::Result<Losses> {
+            let l = self.inner.loss(views, progress)?;
+            if progress >= self.at {
+                return Ok(Losses { total: (l.total * f64::NAN)?, parts: l.parts });
+            }
+            Ok(l)
+        }
+        fn after_step(&mut self, p: f64) -> candle_core::Result<()> {
+            self.inner.after_step(p)
+        }
+        fn backbone(&self) -> &dyn selfsup_models::Backbone {
+            self.inner.backbone()
+        }
+        fn state(&self) -> Vec<(String, Tensor)> {
+            self.inner.state()
+        }
+        fn load_state(&self, t: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+            self.inner.load_state(t)
+        }
+        fn stats(&self, p: f64) -> Vec<(&'static str, f64)> {
+            self.inner.stats(p)
+        }
+    }
+
+    #[test]
+    fn nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+        let Some(dir) = crate::testutil::fmnist_dir() else { return };
+        let out = tempfile::tempdir().unwrap();
+        let cfg = crate::testutil::tiny_config(&dir, out.path(), 6, 2);
+        let mut t = Trainer::new(cfg).unwrap().quiet();
+        let inner = std::mem::replace(&mut t.objective, Box::new(crate::testutil::Never));
+        t.objective = Box::new(NanAt { inner, at: 5.0 / 6.0 });
+        let e = t.run().unwrap_err().to_string();
+        assert!(e.contains("at step 5") && e.contains("step-00000004.json"), "{e}");
+        let (m, _) = checkpoint::load(out.path(), &Device::Cpu).unwrap();
+        assert_eq!(m.step, 4);
+    }
+}
