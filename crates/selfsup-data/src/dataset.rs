@@ -95,6 +95,39 @@ pub fn mnist_family(dir: &Path, split: Split) -> Result<ImageSet> {
     ImageSet::new(images.data, Some(labels), n, 1, h, w)
 }
 
+/// Writes `set` (grey, labelled) as the `stem` split of an MNIST-family directory.
+pub fn write_mnist_family(dir: &Path, split: Split, set: &ImageSet) -> Result<()> {
+    let stem = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    if set.c != 1 {
+        return Err(DataError::config("channels", format!("MNIST-family files hold grey images, not {}-channel", set.c)));
+    }
+    let labels: Vec<u8> = set.labels.as_deref().unwrap_or(&[]).iter().map(|&l| l as u8).collect();
+    idx::write(&dir.join(format!("{stem}-images-idx3-ubyte")), &[set.n, set.h, set.w], &set.pixels)?;
+    idx::write(&dir.join(format!("{stem}-labels-idx1-ubyte")), &[labels.len()], &labels)
+}
+
+/// A synthetic grey dataset for tests and smoke runs: `n` images of `size x size`, class
+/// `i % classes`, each class a distinct diagonal-stripe pattern, plus Gaussian noise.
+pub fn synthetic_stripes(n: usize, size: usize, classes: usize, seed: u64) -> ImageSet {
+    let mut rng = selfsup_ops::rng::Rng::new(seed);
+    let mut pixels = Vec::with_capacity(n * size * size);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let class = i % classes.max(1);
+        labels.push(class as u32);
+        for y in 0..size {
+            for x in 0..size {
+                let on = (x + y * class) % (class + 2) == 0;
+                pixels.push(((if on { 200.0 } else { 40.0 }) + 30.0 * rng.normal()).clamp(0.0, 255.0) as u8);
+            }
+        }
+    }
+    ImageSet::new(pixels, Some(labels), n, 1, size, size).expect("consistent sizes")
+}
+
 fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
     for name in [format!("{stem}.gz"), stem.to_string()] {
         let p = dir.join(name);

@@ -32,6 +32,16 @@ pub fn read(path: &Path, ndims: u8) -> Result<IdxArray> {
     })
 }
 
+/// Writes a u8 array as an (uncompressed) IDX file.
+pub fn write(path: &Path, dims: &[usize], data: &[u8]) -> Result<()> {
+    let mut bytes = vec![0, 0, 8, dims.len() as u8];
+    for &d in dims {
+        bytes.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).map_err(|e| DataError::io(path, e))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum ParseError {
     Magic(u32),

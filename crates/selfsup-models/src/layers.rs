@@ -76,10 +76,20 @@ impl BatchNorm {
     /// xs: (..., c). In training mode normalises with batch statistics and folds them into
     /// the running estimates; in evaluation mode uses the running estimates.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(xs, train, false)
+    }
+
+    /// `relu(forward_t(xs, train))`, fused on CPU.
+    pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(xs, train, true)
+    }
+
+    fn forward_impl(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
-            return batch_norm_eval(xs, &self.weight, &self.bias, &self.running_mean, &self.running_var, self.eps);
+            let ys = batch_norm_eval(xs, &self.weight, &self.bias, &self.running_mean, &self.running_var, self.eps)?;
+            return if relu { ys.relu() } else { Ok(ys) };
         }
-        let (ys, stats) = batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
+        let (ys, stats) = batch_norm_train(xs, &self.weight, &self.bias, self.eps, relu)?;
         let m = self.momentum;
         self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?)?;
         self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (stats.var_unbiased * m)?)?)?;

@@ -152,10 +152,8 @@ impl Block {
         let last = self.convs.len() - 1;
         let mut ys = xs.clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            ys = bn.forward_t(&conv.forward(&ys)?, train)?;
-            if i != last {
-                ys = ys.relu()?;
-            }
+            let zs = conv.forward(&ys)?;
+            ys = if i == last { bn.forward_t(&zs, train)? } else { bn.forward_relu_t(&zs, train)? };
         }
         (ys + shortcut)?.relu()
     }
@@ -196,7 +194,7 @@ impl ResNet {
             candle_core::bail!("resnet: input has {c} channels, the model expects {}", self.cfg.in_chans)
         }
         let xs = xs.permute((0, 2, 3, 1))?.contiguous()?;
-        let mut xs = self.bn1.forward_t(&self.conv1.forward(&xs)?, train)?.relu()?;
+        let mut xs = self.bn1.forward_relu_t(&self.conv1.forward(&xs)?, train)?;
         for block in self.layers.iter().flatten() {
             xs = block.forward_t(&xs, train)?;
         }

@@ -80,7 +80,7 @@ impl Mlp {
 
     /// xs: (b, d_in) -> (b, d_out); always in training mode (batch statistics).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.bn.forward_t(&self.fc1.forward(xs)?, true)?.relu()?;
+        let xs = self.bn.forward_relu_t(&self.fc1.forward(xs)?, true)?;
         self.fc2.forward(&xs)
     }
 }

@@ -5,8 +5,18 @@
 //! Composed ops keep autograd exact (CANDLE.md 1.3: candle's fused norms drop gradients).
 //! Statistics match PyTorch: the batch variance used to normalise is biased, the one folded
 //! into the running estimate is unbiased.
+//!
+//! [`batch_norm_train`] is the fast path: on CPU one fused op computes the statistics, the
+//! normalisation and (optionally) the ReLU in two passes, and its backward in two more. The
+//! composed version ([`batch_norm_train_reference`]) allocates about ten full-size temporaries
+//! forward and backward; it is the specification the fused op is tested against, and the path
+//! used on non-CPU devices.
 
-use candle_core::{Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Batch statistics of a normalisation in training mode.
 pub struct BatchStats {
@@ -16,9 +26,187 @@ pub struct BatchStats {
     pub var_unbiased: Tensor,
 }
 
-/// Training-mode batch norm. xs: (..., c); weight, bias: (c,). Returns the normalised
-/// activations and the (detached) batch statistics.
-pub fn batch_norm_train(
+/// Training-mode batch norm, optionally followed by ReLU. xs: (..., c); weight, bias: (c,).
+/// Returns the activations and the (detached) batch statistics.
+pub fn batch_norm_train(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, relu: bool) -> Result<(Tensor, BatchStats)> {
+    if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+        let (ys, stats) = batch_norm_train_reference(xs, weight, bias, eps)?;
+        return Ok((if relu { ys.relu()? } else { ys }, stats));
+    }
+    let c = *xs.dims().last().unwrap_or(&0);
+    let m = xs.elem_count() / c.max(1);
+    if m < 2 {
+        candle_core::bail!("batch_norm: need more than one value per channel, got shape {:?}", xs.shape())
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = BnTrain { eps, relu, saved: saved.clone() };
+    let ys = xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let Saved { mean, var } = saved.lock().expect("bn lock").clone().expect("set by cpu_fwd");
+    let dev = xs.device();
+    let var_unbiased: Vec<f32> = var.iter().map(|v| v * m as f32 / (m - 1) as f32).collect();
+    let stats = BatchStats { mean: Tensor::from_vec(mean, c, dev)?, var_unbiased: Tensor::from_vec(var_unbiased, c, dev)? };
+    Ok((ys, stats))
+}
+
+/// Per-channel statistics kept from the forward pass for the backward.
+#[derive(Clone)]
+struct Saved {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+}
+
+/// Fused training-mode batch norm (+ ReLU) over the last axis. Inputs x (m, c) contiguous,
+/// weight (c,), bias (c,).
+struct BnTrain {
+    eps: f64,
+    relu: bool,
+    /// Written by the forward: batch mean and biased variance. Read by the caller (running
+    /// statistics) and by the backward.
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        other => candle_core::bail!("{what}: only f32 on CPU, got {:?}", other.dtype()),
+    }
+}
+
+/// Per-channel sums over rows of `rows` (m, c) of `f(row_values, channel)`, in f64, split
+/// across threads by row blocks.
+fn channel_sums(m: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let blocks = rayon::current_num_threads().max(1) * 4;
+    let per = m.div_ceil(blocks);
+    (0..blocks)
+        .into_par_iter()
+        .map(|bi| {
+            let mut acc = vec![0f64; c];
+            for r in bi * per..((bi + 1) * per).min(m) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .reduce(|| vec![0f64; c], |mut a, b| {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            a
+        })
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "batch_norm x")?;
+        let (gamma, beta) = (slice(s2, l2, "batch_norm weight")?, slice(s3, l3, "batch_norm bias")?);
+        let c = gamma.len();
+        if beta.len() != c || c == 0 || x.len() % c != 0 {
+            candle_core::bail!("batch_norm: x {:?} with weight ({c},) and bias ({},)", l1.shape(), beta.len())
+        }
+        let m = x.len() / c;
+        let sums = channel_sums(m, c, |r, acc| {
+            for (a, &v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+                *a += v as f64;
+            }
+        });
+        let mean: Vec<f64> = sums.iter().map(|s| s / m as f64).collect();
+        let sq = channel_sums(m, c, |r, acc| {
+            for ((a, &v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
+                let d = v as f64 - mu;
+                *a += d * d;
+            }
+        });
+        let var: Vec<f64> = sq.iter().map(|s| s / m as f64).collect();
+        let scale: Vec<f32> = var.iter().zip(gamma).map(|(v, g)| (*g as f64 / (v + self.eps).sqrt()) as f32).collect();
+        let shift: Vec<f32> = (0..c).map(|j| beta[j] - (mean[j] as f32) * scale[j]).collect();
+        let mut y = vec![0f32; x.len()];
+        let relu = self.relu;
+        y.par_chunks_mut(c * 64).zip(x.par_chunks(c * 64)).for_each(|(yb, xb)| {
+            for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
+                for j in 0..c {
+                    let v = xr[j] * scale[j] + shift[j];
+                    yr[j] = if relu { v.max(0.0) } else { v };
+                }
+            }
+        });
+        *self.saved.lock().expect("bn lock") = Some(Saved { mean: mean.iter().map(|v| *v as f32).collect(), var: var.iter().map(|v| *v as f32).collect() });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().expect("bn lock").clone();
+        let Some(saved) = saved else { candle_core::bail!("batch_norm backward without a forward") };
+        let c = weight.elem_count();
+        let m = x.elem_count() / c;
+        let op = BnBwd { eps: self.eps, relu: self.relu, saved };
+        let params = Tensor::stack(&[weight, bias], 0)?;
+        // One op computes all three gradients: rows 0..m are dx, row m dweight, row m+1 dbias.
+        let out = x.reshape((m, c))?.apply_op3_no_bwd(&grad.contiguous()?.reshape((m, c))?, &params, &op)?;
+        let dx = out.narrow(0, 0, m)?.reshape(x.shape())?;
+        let dw = out.narrow(0, m, 1)?.reshape(c)?;
+        let db = out.narrow(0, m + 1, 1)?.reshape(c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Backward of [`BnTrain`]: inputs x (m, c), dy (m, c), [weight; bias] (2, c); output
+/// (m + 2, c) = [dx; dweight; dbias].
+struct BnBwd {
+    eps: f64,
+    relu: bool,
+    saved: Saved,
+}
+
+impl CustomOp3 for BnBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dy, gb) = (slice(s1, l1, "bn bwd x")?, slice(s2, l2, "bn bwd dy")?, slice(s3, l3, "bn bwd params")?);
+        let c = gb.len() / 2;
+        let (gamma, beta) = gb.split_at(c);
+        let m = x.len() / c;
+        let invstd: Vec<f32> = self.saved.var.iter().map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32).collect();
+        let shift: Vec<f32> = (0..c).map(|j| -self.saved.mean[j] * invstd[j]).collect();
+        let relu = self.relu;
+        // (xhat, gradient reaching the normalisation) at row r, channel j. With ReLU the
+        // gradient passes only where the output gamma * xhat + beta was positive.
+        let at = |r: usize, j: usize| {
+            let xh = x[r * c + j] * invstd[j] + shift[j];
+            let g = dy[r * c + j];
+            (xh, if relu && gamma[j] * xh + beta[j] <= 0.0 { 0.0 } else { g })
+        };
+        let sums = channel_sums(m, 2 * c, |r, acc| {
+            for j in 0..c {
+                let (xh, g) = at(r, j);
+                acc[j] += g as f64;
+                acc[c + j] += (g * xh) as f64;
+            }
+        });
+        let (db, dg): (Vec<f32>, Vec<f32>) = (sums[..c].iter().map(|v| *v as f32).collect(), sums[c..].iter().map(|v| *v as f32).collect());
+        let k: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j] / m as f32).collect();
+        let mut out = vec![0f32; (m + 2) * c];
+        let (dx, tail) = out.split_at_mut(m * c);
+        dx.par_chunks_mut(c * 64).enumerate().for_each(|(bi, block)| {
+            for (i, row) in block.chunks_mut(c).enumerate() {
+                let r = bi * 64 + i;
+                for j in 0..c {
+                    let (xh, g) = at(r, j);
+                    row[j] = k[j] * (m as f32 * g - db[j] - xh * dg[j]);
+                }
+            }
+        });
+        tail[..c].copy_from_slice(&dg);
+        tail[c..].copy_from_slice(&db);
+        Ok((CpuStorage::F32(out), Shape::from((m + 2, c))))
+    }
+}
+
+/// Composed reference for [`batch_norm_train`] (without the ReLU).
+pub fn batch_norm_train_reference(
     xs: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -68,7 +256,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::from_vec(v, (2, 3, 4, 5), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::new(&[0.5f32, 1.5, -1.0, 2.0, 1.0], &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[0.1f32, 0.2, 0.3, -0.4, 0.0], &dev).unwrap()).unwrap();
-        let (y, stats) = batch_norm_train(&x, &w, &b, 1e-5).unwrap();
+        let (y, stats) = batch_norm_train_reference(&x, &w, &b, 1e-5).unwrap();
         // Reference: candle's channels-first batch norm in training mode.
         let nchw = x.permute((0, 3, 1, 2)).unwrap();
         let rm = Var::zeros(5, candle_core::DType::F32, &dev).unwrap();
@@ -93,6 +281,35 @@ mod tests {
         assert!(dv.to_scalar::<f32>().unwrap() < 1e-3);
     }
 
+    /// The fused op (with and without ReLU) against the composed reference: values, all three
+    /// gradients and the batch statistics.
+    #[test]
+    fn fused_matches_reference() {
+        let dev = Device::Cpu;
+        let mut r = crate::rng::Rng::new(8);
+        for (shape, relu) in [((3usize, 5usize, 7usize), false), ((3, 5, 7), true), ((130, 1, 3), true)] {
+            let n = shape.0 * shape.1 * shape.2;
+            let v: Vec<f32> = (0..n).map(|_| (r.normal() * 3.0 - 1.0) as f32).collect();
+            let c = shape.2;
+            let x = Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::from_vec((0..c).map(|i| 0.5 + i as f32 * 0.3).collect::<Vec<_>>(), c, &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::from_vec((0..c).map(|i| i as f32 * 0.2 - 0.3).collect::<Vec<_>>(), c, &dev).unwrap()).unwrap();
+            let (y, s) = batch_norm_train(&x, &w, &b, 1e-5, relu).unwrap();
+            let (y_ref, s_ref) = batch_norm_train_reference(&x, &w, &b, 1e-5).unwrap();
+            let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
+            let md = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(md(&y, &y_ref) < 1e-4, "{shape:?} {relu}: y");
+            assert!(md(&s.mean, &s_ref.mean) < 1e-5 && md(&s.var_unbiased, &s_ref.var_unbiased) < 1e-4);
+            let probe = Tensor::arange(0f32, n as f32, &dev).unwrap().reshape(shape).unwrap().cos().unwrap();
+            let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let d = md(g.get(v).unwrap(), g_ref.get(v).unwrap());
+                assert!(d < 1e-3, "{shape:?} relu={relu}: grad {name} differs by {d}");
+            }
+        }
+    }
+
     #[test]
     fn eval_uses_running_stats() {
         let dev = Device::Cpu;
@@ -108,6 +325,7 @@ mod tests {
     fn one_value_per_channel_is_an_error() {
         let x = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(batch_norm_train(&x, &w, &w, 1e-5).is_err());
+        assert!(batch_norm_train(&x, &w, &w, 1e-5, false).is_err());
+        assert!(batch_norm_train_reference(&x, &w, &w, 1e-5).is_err());
     }
 }

@@ -150,6 +150,7 @@ impl RunConfig {
         if !(self.schedule.warmup_epochs >= 0.0 && self.schedule.warmup_epochs.is_finite()) {
             bail!("schedule.warmup_epochs must be a non-negative number, got {}", self.schedule.warmup_epochs)
         }
+        self.optimizer.validate()?;
         if !(self.schedule.min_lr >= 0.0 && self.schedule.min_lr <= self.optimizer.lr()) {
             bail!("schedule.min_lr must be in [0, optimizer lr], got {}", self.schedule.min_lr)
         }
@@ -161,7 +162,6 @@ impl RunConfig {
         if self.data.limit == Some(0) {
             bail!("data.limit must be positive when given")
         }
-        self.optimizer.validate()?;
         self.objective.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         if self.views.len() != self.objective.num_views() {
             bail!("objective `{}` consumes {} views but `views` lists {}", self.objective.id(), self.objective.num_views(), self.views.len())

@@ -3,20 +3,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+
 use candle_core::Tensor;
 use selfsup_objectives::{Losses, Objective};
 
 use crate::RunConfig;
 
-/// The Fashion-MNIST directory, if installed (CI installs it; `.ci/run`).
-pub fn fmnist_dir() -> Option<PathBuf> {
-    let p = PathBuf::from("/usr/share/datasets/fashion-mnist");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); skipping");
-        None
-    }
+/// Writes a small synthetic MNIST-family dataset (16x16, `classes` stripe patterns) into `dir`.
+pub fn synthetic_idx(dir: &Path, n_train: usize, n_test: usize, classes: usize) -> PathBuf {
+    use selfsup_data::{dataset, Split};
+    dataset::write_mnist_family(dir, Split::Train, &dataset::synthetic_stripes(n_train, 16, classes, 1)).unwrap();
+    dataset::write_mnist_family(dir, Split::Test, &dataset::synthetic_stripes(n_test, 16, classes, 2)).unwrap();
+    dir.to_path_buf()
 }
 
 /// A tiny BYOL run: 64 images, batch 8, `steps` steps, checkpoint every `every`.

@@ -1,0 +1,158 @@
+//! End-to-end tests of the `selfsup` binary: a tiny real run, and one clear error (with a
+//! non-zero exit) for each kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use selfsup_data::{dataset, Split};
+
+fn selfsup(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_selfsup")).args(args).output().expect("run selfsup")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A synthetic 16x16 MNIST-family directory.
+fn data_dir(root: &Path) -> PathBuf {
+    let dir = root.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    dataset::write_mnist_family(&dir, Split::Train, &dataset::synthetic_stripes(96, 16, 4, 1)).unwrap();
+    dataset::write_mnist_family(&dir, Split::Test, &dataset::synthetic_stripes(40, 16, 4, 2)).unwrap();
+    dir
+}
+
+fn config(data: &Path, out: &Path) -> String {
+    format!(
+        r#"seed = 3
+epochs = 2
+batch_size = 16
+output_dir = "{out}"
+log_every = 2
+[data]
+format = "idx"
+path = "{data}"
+[model]
+arch = "resnet18"
+in_chans = 1
+widths = [4, 8, 8, 8]
+[objective.byol]
+proj_hidden = 32
+proj_dim = 16
+[[views]]
+size = 16
+crop_scale = [0.3, 1.0]
+hflip = 0.5
+mean = [0.3]
+std = [0.3]
+[[views]]
+size = 16
+crop_scale = [0.3, 1.0]
+hflip = 0.5
+mean = [0.3]
+std = [0.3]
+[optimizer.adamw]
+lr = 1e-3
+[checkpoint]
+every = 4
+"#,
+        data = data.display(),
+        out = out.display()
+    )
+}
+
+/// Writes `text` as a config and runs `selfsup pretrain` on it.
+fn pretrain(root: &Path, text: &str) -> Output {
+    let path = root.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    selfsup(&["pretrain", "--config", path.to_str().unwrap()])
+}
+
+fn assert_fails_with(o: &Output, needles: &[&str]) {
+    let e = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {e}");
+    for n in needles {
+        assert!(e.contains(n), "stderr does not mention `{n}`: {e}");
+    }
+}
+
+#[test]
+fn pretrain_resume_and_knn_end_to_end() {
+    let root = tempfile::tempdir().unwrap();
+    let data = data_dir(root.path());
+    let out = root.path().join("run");
+    let o = pretrain(root.path(), &config(&data, &out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("pretrained 12 steps"), "{stdout}");
+    assert!(out.join("config.toml").is_file() && out.join("metrics.jsonl").is_file());
+    let first_line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().next().unwrap().to_string();
+    for key in ["\"loss\"", "\"lr\"", "\"momentum\"", "\"images_per_sec\"", "\"loss_12\""] {
+        assert!(first_line.contains(key), "{first_line}");
+    }
+    // Resuming a finished run is a no-op that still succeeds.
+    let cfg_path = root.path().join("run.toml");
+    let o = selfsup(&["pretrain", "--config", cfg_path.to_str().unwrap(), "--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed at step 12 of 12"));
+
+    let o = selfsup(&["eval", "knn", "--checkpoint", out.to_str().unwrap(), "--baselines"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    for row in ["random init", "raw pixels", "pretrained", "k=20 T=0.07", "k=200 T=0.1"] {
+        assert!(table.contains(row), "{table}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("knn.json")).unwrap()).unwrap();
+    assert_eq!(json["results"].as_array().unwrap().len(), 3);
+    // The stripes are easy: raw pixels separate them well above chance (25 %).
+    assert!(json["results"][1]["accuracy"][0]["top1"].as_f64().unwrap() > 50.0, "{json}");
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let root = tempfile::tempdir().unwrap();
+    let data = data_dir(root.path());
+    let good = config(&data, &root.path().join("run"));
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (good.replace("batch_size = 16", "batch_size = 16\nbatch_sise = 8"), vec!["batch_sise"]),
+        (good.replace("proj_dim = 16", "proj_dimm = 16"), vec!["proj_dimm"]),
+        (good.replace("batch_size = 16", "batch_size = 0"), vec!["batch_size must be positive"]),
+        (good.replace("lr = 1e-3", "lr = -1e-3"), vec!["optimizer.lr", "-0.001"]),
+        (good.replace("size = 16", "size = 12"), vec!["views[0].size = 12", "stride 8"]),
+        (good.replace("batch_size = 16", "batch_size = \"big\""), vec!["batch_size"]),
+        (good.replace("arch = \"resnet18\"", "arch = \"resnet19\""), vec!["resnet19"]),
+        (good.replace("hflip = 0.5", "hflip = 1.5"), vec!["views.hflip", "1.5"]),
+    ];
+    for (text, needles) in cases {
+        assert_fails_with(&pretrain(root.path(), &text), &needles);
+    }
+    let o = selfsup(&["pretrain", "--config", root.path().join("nope.toml").to_str().unwrap()]);
+    assert_fails_with(&o, &["nope.toml"]);
+}
+
+#[test]
+fn data_errors_name_the_file() {
+    let root = tempfile::tempdir().unwrap();
+    let data = data_dir(root.path());
+    let out = root.path().join("run");
+    // Missing dataset directory.
+    let missing = root.path().join("no-such-dir");
+    assert_fails_with(&pretrain(root.path(), &config(&missing, &out)), &["no-such-dir", "not found"]);
+    // Wrong magic: a label file where the images should be.
+    let images = data.join("train-images-idx3-ubyte");
+    let good_images = std::fs::read(&images).unwrap();
+    std::fs::copy(data.join("train-labels-idx1-ubyte"), &images).unwrap();
+    assert_fails_with(&pretrain(root.path(), &config(&data, &out)), &["train-images-idx3-ubyte", "0x00000801", "expected 0x00000803"]);
+    // Truncated image file.
+    std::fs::write(&images, &good_images[..good_images.len() / 2]).unwrap();
+    assert_fails_with(&pretrain(root.path(), &config(&data, &out)), &["train-images-idx3-ubyte", "truncated"]);
+    // Label count mismatch.
+    std::fs::write(&images, &good_images).unwrap();
+    let labels = data.join("train-labels-idx1-ubyte");
+    selfsup_data::idx::write(&labels, &[5], &[0, 1, 2, 3, 0]).unwrap();
+    assert_fails_with(&pretrain(root.path(), &config(&data, &out)), &["train-labels-idx1-ubyte", "5 labels", "96 images"]);
+    // A checkpoint path with nothing in it.
+    let o = selfsup(&["eval", "knn", "--checkpoint", root.path().to_str().unwrap()]);
+    assert_fails_with(&o, &["no checkpoint in"]);
+}
