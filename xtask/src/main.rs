@@ -1,1 +1,184 @@
-fn main() {}
+//! `cargo xtask`: the project's automation.
+//!
+//! ```text
+//! cargo xtask ci      fmt check, repository rules, clippy -D warnings, tests (release profile)
+//! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN table (the README's main job)
+//! cargo xtask bench   criterion benches, then a summary table with fast/reference ratios
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+const DEMO_CONFIG: &str = "configs/byol_fmnist.toml";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("demo") => demo(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("tidy") => tidy(),
+        _ => {
+            eprintln!("usage: cargo xtask <ci | demo | bench [criterion filter] | tidy>");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", format!("{cmd:?}").replace('"', ""));
+    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}")
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn ci() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    tidy()?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--release", "--", "-D", "warnings"]))?;
+    run(cargo().args(["test", "--workspace", "--release"]))
+}
+
+/// Repository rules: every Rust source starts with a `//!` header; no ignored tests, debug
+/// leftovers or unfinished markers.
+fn tidy() -> Result<()> {
+    let mut problems = Vec::new();
+    let mut stack = vec![root().join("crates"), root().join("xtask"), root().join("benches")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)?;
+            let rel = path.strip_prefix(root()).unwrap_or(&path).display().to_string();
+            if !text.starts_with("//!") {
+                problems.push(format!("{rel}: does not start with a `//!` header"));
+            }
+            for (marker, what) in [
+                ("#[ignore", "an ignored test"),
+                ("dbg!(", "a dbg! leftover"),
+                ("todo!(", "a todo!"),
+                ("unimplemented!(", "an unimplemented!"),
+            ] {
+                if text.contains(marker) && !rel.ends_with("xtask/src/main.rs") {
+                    problems.push(format!("{rel}: contains {what}"));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("tidy found {} problem(s):\n  {}", problems.len(), problems.join("\n  "))
+    }
+    eprintln!("tidy: ok");
+    Ok(())
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    if !Path::new(FASHION_MNIST).is_dir() {
+        bail!("Fashion-MNIST is not installed: run `apt-get install -y dataset-fashion-mnist` (puts it in {FASHION_MNIST})")
+    }
+    let config = args.first().map(String::as_str).unwrap_or(DEMO_CONFIG);
+    run(cargo().args(["build", "--release", "-p", "selfsup"]))?;
+    let bin = root().join("target/release/selfsup");
+    let text = std::fs::read_to_string(root().join(config)).with_context(|| format!("reading {config}"))?;
+    let out = text
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("output_dir").map(|v| v.trim_start_matches([' ', '=']).trim_matches('"').to_string())
+        })
+        .context("the demo config has no output_dir")?;
+    // A fresh run each time: the table must describe this pretraining.
+    let out = root().join(out);
+    if out.exists() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    run(Command::new(&bin).args(["pretrain", "--config", config]))?;
+    run(Command::new(&bin).args(["eval", "knn", "--checkpoint"]).arg(&out).arg("--baselines"))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "selfsup-benches", "--"]);
+    cmd.args(args);
+    run(&mut cmd)?;
+    summary()
+}
+
+/// Reads criterion's `estimates.json` files and prints one row per bench, with the ratio of
+/// `reference` to `fast` within each group.
+fn summary() -> Result<()> {
+    let dir = root().join("target/criterion");
+    let mut rows: Vec<(String, String, f64, Option<f64>)> = Vec::new();
+    for group in sorted_dirs(&dir)? {
+        let gname = group.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let benches: Vec<(String, f64, Option<f64>)> = sorted_dirs(&group)?
+            .into_iter()
+            .filter_map(|b| {
+                let text = std::fs::read_to_string(b.join("new/estimates.json")).ok()?;
+                let mean = json_number(&text[text.find("\"mean\"")?..], "\"point_estimate\"")?;
+                let thr = std::fs::read_to_string(b.join("new/benchmark.json"))
+                    .ok()
+                    .and_then(|t| json_number(&t, "\"Elements\""));
+                Some((b.file_name()?.to_string_lossy().to_string(), mean, thr))
+            })
+            .collect();
+        let reference = benches.iter().find(|(n, _, _)| n == "reference").map(|(_, m, _)| *m);
+        for (name, mean, elems) in benches {
+            let ratio = reference.filter(|_| name != "reference").map(|r| r / mean);
+            let per_sec = elems.map(|e| format!("{:.0}/s", e / (mean * 1e-9))).unwrap_or_default();
+            rows.push((gname.clone(), format!("{name} {per_sec}"), mean / 1e6, ratio));
+        }
+    }
+    if rows.is_empty() {
+        bail!("no criterion results under {}", dir.display())
+    }
+    println!("| group | bench | mean (ms) | reference / fast |");
+    println!("|---|---|---|---|");
+    for (g, b, ms, r) in rows {
+        println!("| {g} | {} | {ms:.2} | {} |", b.trim(), r.map(|r| format!("{r:.2}x")).unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "report"))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The first number after `key` (criterion's JSON: `"mean":{"point_estimate":123.4,...}` and
+/// `"throughput":{"Elements":128}`), without a JSON dependency in xtask.
+fn json_number(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let start = rest.find(|c: char| c.is_ascii_digit() || c == '-')?;
+    let rest = &rest[start..];
+    let end =
+        rest.find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}

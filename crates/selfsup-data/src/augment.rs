@@ -11,8 +11,8 @@
 //!
 //! Every draw comes from the [`Rng`] the caller passes, so a view is a pure function of it.
 
-use serde::{Deserialize, Serialize};
 use selfsup_ops::rng::Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 
@@ -105,7 +105,10 @@ impl ViewConfig {
         }
         let [lo, hi] = self.crop_scale;
         if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
-            return Err(DataError::config("views.crop_scale", format!("{:?} is not 0 < lo <= hi <= 1", self.crop_scale)));
+            return Err(DataError::config(
+                "views.crop_scale",
+                format!("{:?} is not 0 < lo <= hi <= 1", self.crop_scale),
+            ));
         }
         let [lo, hi] = self.crop_ratio;
         if !(lo > 0.0 && lo <= hi) {
@@ -289,7 +292,8 @@ fn color_jitter(x: &mut [f32], c: usize, plane: usize, j: &Jitter, rng: &mut Rng
 fn gaussian_blur(x: &mut [f32], c: usize, size: usize, sigma: f64) {
     let k = (((size as f64 * 0.1).round() as usize) | 1).max(3);
     let r = k / 2;
-    let mut kernel: Vec<f32> = (0..k).map(|i| (-((i as f64 - r as f64).powi(2)) / (2.0 * sigma * sigma)).exp() as f32).collect();
+    let mut kernel: Vec<f32> =
+        (0..k).map(|i| (-((i as f64 - r as f64).powi(2)) / (2.0 * sigma * sigma)).exp() as f32).collect();
     let s: f32 = kernel.iter().sum();
     kernel.iter_mut().for_each(|v| *v /= s);
     // Reflect padding, as torchvision.
@@ -303,12 +307,14 @@ fn gaussian_blur(x: &mut [f32], c: usize, size: usize, sigma: f64) {
         let p = &mut x[ch * size * size..(ch + 1) * size * size];
         for y in 0..size {
             for xx in 0..size {
-                tmp[y * size + xx] = (0..k).map(|t| kernel[t] * p[y * size + reflect(xx as isize + t as isize - r as isize)]).sum();
+                tmp[y * size + xx] =
+                    (0..k).map(|t| kernel[t] * p[y * size + reflect(xx as isize + t as isize - r as isize)]).sum();
             }
         }
         for y in 0..size {
             for xx in 0..size {
-                p[y * size + xx] = (0..k).map(|t| kernel[t] * tmp[reflect(y as isize + t as isize - r as isize) * size + xx]).sum();
+                p[y * size + xx] =
+                    (0..k).map(|t| kernel[t] * tmp[reflect(y as isize + t as isize - r as isize) * size + xx]).sum();
             }
         }
     }
@@ -378,7 +384,15 @@ mod tests {
         let mut x = vec![0.3f32; 3 * 10 * 10];
         gaussian_blur(&mut x, 3, 10, 1.5);
         assert!(x.iter().all(|v| (v - 0.3).abs() < 1e-5));
-        let cfg = ViewConfig { solarize: 1.0, jitter: None, blur: 0.0, hflip: 0.0, crop_scale: [1.0, 1.0], crop_ratio: [1.0, 1.0], ..ViewConfig::byol(2, 0, vec![0.0], vec![1.0]) };
+        let cfg = ViewConfig {
+            solarize: 1.0,
+            jitter: None,
+            blur: 0.0,
+            hflip: 0.0,
+            crop_scale: [1.0, 1.0],
+            crop_ratio: [1.0, 1.0],
+            ..ViewConfig::byol(2, 0, vec![0.0], vec![1.0])
+        };
         let v = cfg.apply(&[255, 255, 0, 0], 1, 2, 2, &mut Rng::new(0));
         assert_eq!(v, vec![0.0, 0.0, 0.0, 0.0]);
     }

@@ -89,7 +89,12 @@ pub fn mnist_family(dir: &Path, split: Split) -> Result<ImageSet> {
         return Err(DataError::Empty { path: images_path });
     }
     if labels.dims[0] != n {
-        return Err(DataError::CountMismatch { images: images_path, labels: labels_path, expected: n, found: labels.dims[0] });
+        return Err(DataError::CountMismatch {
+            images: images_path,
+            labels: labels_path,
+            expected: n,
+            found: labels.dims[0],
+        });
     }
     let labels = labels.data.iter().map(|&l| l as u32).collect();
     ImageSet::new(images.data, Some(labels), n, 1, h, w)
@@ -102,7 +107,10 @@ pub fn write_mnist_family(dir: &Path, split: Split, set: &ImageSet) -> Result<()
         Split::Test => "t10k",
     };
     if set.c != 1 {
-        return Err(DataError::config("channels", format!("MNIST-family files hold grey images, not {}-channel", set.c)));
+        return Err(DataError::config(
+            "channels",
+            format!("MNIST-family files hold grey images, not {}-channel", set.c),
+        ));
     }
     let labels: Vec<u8> = set.labels.as_deref().unwrap_or(&[]).iter().map(|&l| l as u8).collect();
     idx::write(&dir.join(format!("{stem}-images-idx3-ubyte")), &[set.n, set.h, set.w], &set.pixels)?;
@@ -120,7 +128,7 @@ pub fn synthetic_stripes(n: usize, size: usize, classes: usize, seed: u64) -> Im
         labels.push(class as u32);
         for y in 0..size {
             for x in 0..size {
-                let on = (x + y * class) % (class + 2) == 0;
+                let on = (x + y * class).is_multiple_of(class + 2);
                 pixels.push(((if on { 200.0 } else { 40.0 }) + 30.0 * rng.normal()).clamp(0.0, 255.0) as u8);
             }
         }
@@ -150,6 +158,24 @@ mod tests {
         }
         v.extend_from_slice(data);
         std::fs::write(path, v).unwrap();
+    }
+
+    /// The real Fashion-MNIST as Debian's `dataset-fashion-mnist` installs it (gzipped IDX);
+    /// `.ci/run` installs it.
+    #[test]
+    fn fashion_mnist_as_installed() {
+        let dir = Path::new("/usr/share/datasets/fashion-mnist");
+        assert!(dir.is_dir(), "Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist");
+        let train = mnist_family(dir, Split::Train).unwrap();
+        let test = mnist_family(dir, Split::Test).unwrap();
+        assert_eq!((train.n, train.c, train.h, train.w, train.num_classes), (60_000, 1, 28, 28, 10));
+        assert_eq!((test.n, test.num_classes), (10_000, 10));
+        let mut per_class = [0usize; 10];
+        train.labels.as_ref().unwrap().iter().for_each(|&l| per_class[l as usize] += 1);
+        assert_eq!(per_class, [6000; 10]);
+        // The normalisation constants the configs use.
+        let (mean, std) = train.channel_stats();
+        assert!((mean[0] - 0.2860).abs() < 5e-4 && (std[0] - 0.3530).abs() < 5e-4, "{mean:?} {std:?}");
     }
 
     #[test]

@@ -33,7 +33,10 @@ impl Loader {
             return Err(DataError::config("batch_size", "must be positive"));
         }
         if batch_size > set.n {
-            return Err(DataError::config("batch_size", format!("{batch_size} is larger than the dataset ({} images)", set.n)));
+            return Err(DataError::config(
+                "batch_size",
+                format!("{batch_size} is larger than the dataset ({} images)", set.n),
+            ));
         }
         if views.is_empty() {
             return Err(DataError::config("views", "at least one view is needed"));
@@ -75,7 +78,10 @@ impl Loader {
     /// Batch `index` of `epoch`: one (batch, c, size, size) tensor per view, on the CPU.
     pub fn batch(&self, epoch: usize, index: usize) -> Result<Vec<Tensor>> {
         if index >= self.batches_per_epoch() {
-            return Err(DataError::config("batch index", format!("{index} >= {} batches per epoch", self.batches_per_epoch())));
+            return Err(DataError::config(
+                "batch index",
+                format!("{index} >= {} batches per epoch", self.batches_per_epoch()),
+            ));
         }
         let ids = self.batch_indices(epoch, index);
         let set = &*self.set;
@@ -137,7 +143,8 @@ impl Drop for Prefetch {
 
 /// Deterministic evaluation views of images `start..end`: (n, c, size, size).
 pub fn eval_batch(set: &ImageSet, start: usize, end: usize, size: usize, mean: &[f32], std: &[f32]) -> Result<Tensor> {
-    let per: Vec<Vec<f32>> = (start..end).into_par_iter().map(|i| eval_view(set.image(i), set.c, set.h, set.w, size, mean, std)).collect();
+    let per: Vec<Vec<f32>> =
+        (start..end).into_par_iter().map(|i| eval_view(set.image(i), set.c, set.h, set.w, size, mean, std)).collect();
     Ok(Tensor::from_vec(per.concat(), (end - start, set.c, size, size), &Device::Cpu)?)
 }
 
@@ -164,17 +171,26 @@ mod tests {
         let _ = b.batch(1, 2).unwrap();
         for (x, y) in a.batch(0, 1).unwrap().iter().zip(&b.batch(0, 1).unwrap()) {
             assert_eq!(x.dims(), [3, 1, 6, 6]);
-            assert_eq!(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
         assert_ne!(a.batch_indices(0, 0), a.batch_indices(1, 0));
         // Prefetch yields the same batches, in step order, across the epoch boundary.
         let a = Arc::new(a);
-        let steps: Vec<usize> = a.prefetch(2, 5, 2).map(|(s, r)| {
-            let v = r.unwrap();
-            let want = a.batch(s / 3, s % 3).unwrap();
-            assert_eq!(v[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(), want[1].flatten_all().unwrap().to_vec1::<f32>().unwrap());
-            s
-        }).collect();
+        let steps: Vec<usize> = a
+            .prefetch(2, 5, 2)
+            .map(|(s, r)| {
+                let v = r.unwrap();
+                let want = a.batch(s / 3, s % 3).unwrap();
+                assert_eq!(
+                    v[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want[1].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                );
+                s
+            })
+            .collect();
         assert_eq!(steps, [2, 3, 4]);
     }
 

@@ -18,7 +18,8 @@ pub struct KnnSetting {
 
 impl KnnSetting {
     /// The standard pair: k = 20, T = 0.07 (InstDisc) and k = 200, T = 0.1 (lightly).
-    pub const STANDARD: [KnnSetting; 2] = [KnnSetting { k: 20, temperature: 0.07 }, KnnSetting { k: 200, temperature: 0.1 }];
+    pub const STANDARD: [KnnSetting; 2] =
+        [KnnSetting { k: 20, temperature: 0.07 }, KnnSetting { k: 200, temperature: 0.1 }];
 }
 
 /// Accuracy of one setting, in percent.
@@ -50,7 +51,11 @@ pub fn knn_classify(
         candle_core::bail!("knn: bank features are {d}-d, queries {dq}-d")
     }
     if n != bank_labels.len() || m != query_labels.len() {
-        candle_core::bail!("knn: {n} bank features with {} labels, {m} queries with {} labels", bank_labels.len(), query_labels.len())
+        candle_core::bail!(
+            "knn: {n} bank features with {} labels, {m} queries with {} labels",
+            bank_labels.len(),
+            query_labels.len()
+        )
     }
     if n == 0 || m == 0 || settings.is_empty() {
         candle_core::bail!("knn: empty bank ({n}), queries ({m}) or settings")
@@ -102,7 +107,11 @@ pub fn knn_classify(
     Ok(settings
         .iter()
         .zip(hits)
-        .map(|(&setting, (t1, t5))| KnnAccuracy { setting, top1: 100.0 * t1 as f64 / m as f64, top5: 100.0 * t5 as f64 / m as f64 })
+        .map(|(&setting, (t1, t5))| KnnAccuracy {
+            setting,
+            top1: 100.0 * t1 as f64 / m as f64,
+            top5: 100.0 * t5 as f64 / m as f64,
+        })
         .collect())
 }
 
@@ -159,6 +168,9 @@ mod tests {
         let q = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(knn_classify(&bank, &[0, 0, 1], &q, &[0], 2, &KnnSetting::STANDARD).is_err());
         let q = Tensor::zeros((1, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(knn_classify(&bank, &[0, 0, 5], &q, &[0], 2, &KnnSetting::STANDARD).unwrap_err().to_string().contains("label 5"));
+        assert!(knn_classify(&bank, &[0, 0, 5], &q, &[0], 2, &KnnSetting::STANDARD)
+            .unwrap_err()
+            .to_string()
+            .contains("label 5"));
     }
 }

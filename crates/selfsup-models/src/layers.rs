@@ -101,6 +101,10 @@ impl BatchNorm {
 pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<candle_nn::Linear> {
     let bound = 1.0 / (d_in as f64).sqrt();
     let weight = vb.params.get_with_hints((d_out, d_in), "weight", Init::Uniform { lo: -bound, up: bound })?;
-    let bias = if bias { Some(vb.params.get_with_hints(d_out, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
+    let bias = if bias {
+        Some(vb.params.get_with_hints(d_out, "bias", Init::Uniform { lo: -bound, up: bound })?)
+    } else {
+        None
+    };
     Ok(candle_nn::Linear::new(weight, bias))
 }

@@ -80,10 +80,7 @@ impl Config {
     /// with the same topology, for small images and small machines.
     pub fn with_widths(mut self, widths: &[usize]) -> Result<Self> {
         if widths.len() != self.stages.len() || widths.contains(&0) {
-            candle_core::bail!(
-                "resnet: `widths` needs {} positive values, got {widths:?}",
-                self.stages.len()
-            )
+            candle_core::bail!("resnet: `widths` needs {} positive values, got {widths:?}", self.stages.len())
         }
         for (s, &w) in self.stages.iter_mut().zip(widths) {
             s.width = w;

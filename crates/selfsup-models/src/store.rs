@@ -65,11 +65,9 @@ impl VarStore {
         for (name, var) in &vars {
             match tensors.get(name) {
                 None => problems.push(format!("missing `{name}`")),
-                Some(t) if t.dims() != var.dims() => problems.push(format!(
-                    "`{name}` has shape {:?}, the model expects {:?}",
-                    t.dims(),
-                    var.dims()
-                )),
+                Some(t) if t.dims() != var.dims() => {
+                    problems.push(format!("`{name}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()))
+                }
                 Some(_) => {}
             }
         }
@@ -109,9 +107,7 @@ impl VarStore {
                 }
             }
         };
-        Ok((0..n)
-            .map(|_| if normal { (mean + std * rng.normal()) as f32 } else { rng.range(lo, hi) as f32 })
-            .collect())
+        Ok((0..n).map(|_| if normal { (mean + std * rng.normal()) as f32 } else { rng.range(lo, hi) as f32 }).collect())
     }
 }
 

@@ -117,7 +117,16 @@ impl Byol {
                 None => candle_core::bail!("byol: target variable {name} has no online counterpart"),
             }
         }
-        Ok(Self { cfg: cfg.clone(), online: backbone, projector, predictor, target, target_projector, online_vars: online.clone(), target_vars })
+        Ok(Self {
+            cfg: cfg.clone(),
+            online: backbone,
+            projector,
+            predictor,
+            target,
+            target_projector,
+            online_vars: online.clone(),
+            target_vars,
+        })
     }
 
     fn forward_online(&self, xs: &Tensor) -> Result<Tensor> {
@@ -142,9 +151,7 @@ impl Objective for Byol {
     }
 
     fn loss(&self, views: &[Tensor], _progress: f64) -> Result<Losses> {
-        let [v1, v2] = views else {
-            candle_core::bail!("byol needs 2 views, got {}", views.len())
-        };
+        let [v1, v2] = views else { candle_core::bail!("byol needs 2 views, got {}", views.len()) };
         let (p1, p2) = (self.forward_online(v1)?, self.forward_online(v2)?);
         let (z1, z2) = (self.forward_target(v1)?, self.forward_target(v2)?);
         let l12 = regression_loss(&p1, &z2)?;
@@ -171,7 +178,8 @@ impl Objective for Byol {
     }
 
     fn load_state(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let stripped = tensors.iter().filter_map(|(k, v)| k.strip_prefix("target.").map(|k| (k.to_string(), v.clone()))).collect();
+        let stripped =
+            tensors.iter().filter_map(|(k, v)| k.strip_prefix("target.").map(|k| (k.to_string(), v.clone()))).collect();
         self.target_vars.load(&stripped)
     }
 
@@ -204,19 +212,21 @@ mod tests {
         for (name, var) in online.params.vars() {
             assert!(grads.get(var.as_tensor()).is_some(), "no gradient for {name}");
         }
-        assert!(byol.loss(&[l.total.clone()], 0.0).is_err());
+        assert!(byol.loss(std::slice::from_ref(&l.total), 0.0).is_err());
     }
 
     #[test]
     fn target_starts_as_copy_and_follows_the_ema() {
         let (mut byol, online) = tiny();
         let name = "backbone.conv1.weight";
-        let t0 = byol.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let t0 =
+            byol.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let o = online.params.get(name).unwrap();
         assert_eq!(t0, o.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
         o.set(&o.as_tensor().ones_like().unwrap()).unwrap();
         byol.after_step(0.0).unwrap(); // tau = 0.9
-        let t1 = byol.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let t1 =
+            byol.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in t1.iter().zip(&t0) {
             assert!((a - (0.9 * b + 0.1)).abs() < 1e-6);
         }

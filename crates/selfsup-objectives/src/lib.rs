@@ -64,7 +64,13 @@ impl ObjectiveConfig {
     }
 
     /// Builds the objective; trainable parameters are created in `online`.
-    pub fn build(&self, model: &ModelConfig, online: &Vars, device: &candle_core::Device, seed: u64) -> Result<Box<dyn Objective>> {
+    pub fn build(
+        &self,
+        model: &ModelConfig,
+        online: &Vars,
+        device: &candle_core::Device,
+        seed: u64,
+    ) -> Result<Box<dyn Objective>> {
         match self {
             Self::Byol(cfg) => Ok(Box::new(byol::Byol::new(cfg, model, online, device, seed)?)),
         }

@@ -33,11 +33,7 @@ impl Geometry {
         }
         let (hp, wp) = (h + 2 * self.padding, w + 2 * self.padding);
         if hp < self.kh || wp < self.kw {
-            candle_core::bail!(
-                "conv2d: kernel {}x{} larger than padded input {hp}x{wp}",
-                self.kh,
-                self.kw
-            )
+            candle_core::bail!("conv2d: kernel {}x{} larger than padded input {hp}x{wp}", self.kh, self.kw)
         }
         Ok(((hp - self.kh) / self.stride + 1, (wp - self.kw) / self.stride + 1))
     }
@@ -59,9 +55,8 @@ struct Col2Im {
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input is not contiguous")))?;
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input is not contiguous")))?;
     match s {
         CpuStorage::F32(v) => Ok(&v[a..b]),
         other => candle_core::bail!("{what}: only f32 is supported on CPU, got {:?}", other.dtype()),
@@ -169,10 +164,7 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
     let (b, h, w, c) = xs.dims4()?;
     let (c_out, c_in, kh, kw) = weight.dims4()?;
     if c != c_in {
-        candle_core::bail!(
-            "conv2d: input has {c} channels but weight {:?} expects {c_in}",
-            weight.shape()
-        )
+        candle_core::bail!("conv2d: input has {c} channels but weight {:?} expects {c_in}", weight.shape())
     }
     let g = Geometry { kh, kw, stride, padding };
     let (ho, wo) = g.out_hw(h, w)?;
@@ -187,12 +179,7 @@ pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
 }
 
 /// Reference for [`conv2d_nhwc`]: candle's NCHW conv2d between permutes.
-pub fn conv2d_nhwc_reference(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
+pub fn conv2d_nhwc_reference(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let nchw = xs.permute((0, 3, 1, 2))?.contiguous()?;
     nchw.conv2d(weight, padding, stride, 1, 1)?.permute((0, 2, 3, 1))?.contiguous()
 }
@@ -255,7 +242,14 @@ mod tests {
         let probe = rand(&[b, 3, 3, co], 13);
         let f = |x: &Tensor, wt: &Tensor| -> f64 {
             let y = conv2d_nhwc(x, wt, s, p).unwrap();
-            (y * &probe).unwrap().sum_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            (y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let g = (conv2d_nhwc(&x, &wt, s, p).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for (v, is_x) in [(&x, true), (&wt, false)] {
@@ -268,7 +262,8 @@ mod tests {
                 let mut minus = base.clone();
                 minus[idx] -= eps;
                 let t = |d: Vec<f32>| Tensor::from_vec(d, v.shape(), &Device::Cpu).unwrap();
-                let (fp, fm) = if is_x { (f(&t(plus), &wt), f(&t(minus), &wt)) } else { (f(&x, &t(plus)), f(&x, &t(minus))) };
+                let (fp, fm) =
+                    if is_x { (f(&t(plus), &wt), f(&t(minus), &wt)) } else { (f(&x, &t(plus)), f(&x, &t(minus))) };
                 let fd = (fp - fm) / (2.0 * eps as f64);
                 assert!((fd - grad[idx] as f64).abs() < 2e-2 * (1.0 + fd.abs()), "idx {idx}: fd {fd} vs {}", grad[idx]);
             }

@@ -28,7 +28,13 @@ pub struct BatchStats {
 
 /// Training-mode batch norm, optionally followed by ReLU. xs: (..., c); weight, bias: (c,).
 /// Returns the activations and the (detached) batch statistics.
-pub fn batch_norm_train(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, relu: bool) -> Result<(Tensor, BatchStats)> {
+pub fn batch_norm_train(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
     if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
         let (ys, stats) = batch_norm_train_reference(xs, weight, bias, eps)?;
         return Ok((if relu { ys.relu()? } else { ys }, stats));
@@ -44,7 +50,8 @@ pub fn batch_norm_train(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, r
     let Saved { mean, var } = saved.lock().expect("bn lock").clone().expect("set by cpu_fwd");
     let dev = xs.device();
     let var_unbiased: Vec<f32> = var.iter().map(|v| v * m as f32 / (m - 1) as f32).collect();
-    let stats = BatchStats { mean: Tensor::from_vec(mean, c, dev)?, var_unbiased: Tensor::from_vec(var_unbiased, c, dev)? };
+    let stats =
+        BatchStats { mean: Tensor::from_vec(mean, c, dev)?, var_unbiased: Tensor::from_vec(var_unbiased, c, dev)? };
     Ok((ys, stats))
 }
 
@@ -87,10 +94,13 @@ fn channel_sums(m: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec
             }
             acc
         })
-        .reduce(|| vec![0f64; c], |mut a, b| {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-            a
-        })
+        .reduce(
+            || vec![0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
 }
 
 impl CustomOp3 for BnTrain {
@@ -98,7 +108,15 @@ impl CustomOp3 for BnTrain {
         "batch-norm-train"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, "batch_norm x")?;
         let (gamma, beta) = (slice(s2, l2, "batch_norm weight")?, slice(s3, l3, "batch_norm bias")?);
         let c = gamma.len();
@@ -131,11 +149,21 @@ impl CustomOp3 for BnTrain {
                 }
             }
         });
-        *self.saved.lock().expect("bn lock") = Some(Saved { mean: mean.iter().map(|v| *v as f32).collect(), var: var.iter().map(|v| *v as f32).collect() });
+        *self.saved.lock().expect("bn lock") = Some(Saved {
+            mean: mean.iter().map(|v| *v as f32).collect(),
+            var: var.iter().map(|v| *v as f32).collect(),
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = self.saved.lock().expect("bn lock").clone();
         let Some(saved) = saved else { candle_core::bail!("batch_norm backward without a forward") };
         let c = weight.elem_count();
@@ -164,7 +192,15 @@ impl CustomOp3 for BnBwd {
         "batch-norm-train-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, dy, gb) = (slice(s1, l1, "bn bwd x")?, slice(s2, l2, "bn bwd dy")?, slice(s3, l3, "bn bwd params")?);
         let c = gb.len() / 2;
         let (gamma, beta) = gb.split_at(c);
@@ -186,7 +222,8 @@ impl CustomOp3 for BnBwd {
                 acc[c + j] += (g * xh) as f64;
             }
         });
-        let (db, dg): (Vec<f32>, Vec<f32>) = (sums[..c].iter().map(|v| *v as f32).collect(), sums[c..].iter().map(|v| *v as f32).collect());
+        let (db, dg): (Vec<f32>, Vec<f32>) =
+            (sums[..c].iter().map(|v| *v as f32).collect(), sums[c..].iter().map(|v| *v as f32).collect());
         let k: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j] / m as f32).collect();
         let mut out = vec![0f32; (m + 2) * c];
         let (dx, tail) = out.split_at_mut(m * c);
@@ -225,8 +262,7 @@ pub fn batch_norm_train_reference(
     let ys = centred.broadcast_mul(&scale)?.broadcast_add(&bias.reshape((1, c))?)?;
     let var_unbiased = (var.detach() * (m as f64 / (m - 1) as f64))?.reshape(c)?;
     let stats = BatchStats { mean: mean.detach().reshape(c)?, var_unbiased };
-    ys.reshape(xs.shape())
-        .map(|ys| (ys, stats))
+    ys.reshape(xs.shape()).map(|ys| (ys, stats))
 }
 
 /// Evaluation-mode batch norm with running statistics. xs: (..., c); all others (c,).
@@ -261,7 +297,15 @@ mod tests {
         let nchw = x.permute((0, 3, 1, 2)).unwrap();
         let rm = Var::zeros(5, candle_core::DType::F32, &dev).unwrap();
         let rv = Var::ones(5, candle_core::DType::F32, &dev).unwrap();
-        let bn = candle_nn::BatchNorm::new(5, rm.as_tensor().clone(), rv.as_tensor().clone(), w.as_tensor().clone(), b.as_tensor().clone(), 1e-5).unwrap();
+        let bn = candle_nn::BatchNorm::new(
+            5,
+            rm.as_tensor().clone(),
+            rv.as_tensor().clone(),
+            w.as_tensor().clone(),
+            b.as_tensor().clone(),
+            1e-5,
+        )
+        .unwrap();
         let y_ref = candle_nn::ModuleT::forward_t(&bn, &nchw, true).unwrap().permute((0, 2, 3, 1)).unwrap();
         let d = (&y - &y_ref).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
@@ -269,7 +313,14 @@ mod tests {
         let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = (&y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &w, &b] {
-            let d = (g.get(v).unwrap() - g_ref.get(v).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = (g.get(v).unwrap() - g_ref.get(v).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-3);
         }
         // candle's running update uses momentum 0.1 from (0, 1): recover its batch stats.
@@ -292,12 +343,20 @@ mod tests {
             let v: Vec<f32> = (0..n).map(|_| (r.normal() * 3.0 - 1.0) as f32).collect();
             let c = shape.2;
             let x = Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::from_vec((0..c).map(|i| 0.5 + i as f32 * 0.3).collect::<Vec<_>>(), c, &dev).unwrap()).unwrap();
-            let b = Var::from_tensor(&Tensor::from_vec((0..c).map(|i| i as f32 * 0.2 - 0.3).collect::<Vec<_>>(), c, &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(
+                &Tensor::from_vec((0..c).map(|i| 0.5 + i as f32 * 0.3).collect::<Vec<_>>(), c, &dev).unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(
+                &Tensor::from_vec((0..c).map(|i| i as f32 * 0.2 - 0.3).collect::<Vec<_>>(), c, &dev).unwrap(),
+            )
+            .unwrap();
             let (y, s) = batch_norm_train(&x, &w, &b, 1e-5, relu).unwrap();
             let (y_ref, s_ref) = batch_norm_train_reference(&x, &w, &b, 1e-5).unwrap();
             let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
-            let md = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let md = |a: &Tensor, b: &Tensor| {
+                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
             assert!(md(&y, &y_ref) < 1e-4, "{shape:?} {relu}: y");
             assert!(md(&s.mean, &s_ref.mean) < 1e-5 && md(&s.var_unbiased, &s_ref.var_unbiased) < 1e-4);
             let probe = Tensor::arange(0f32, n as f32, &dev).unwrap().reshape(shape).unwrap().cos().unwrap();

@@ -58,7 +58,9 @@ pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.strip_suffix(".json")).and_then(|s| s.parse().ok()) {
+        if let Some(step) =
+            name.strip_prefix("step-").and_then(|s| s.strip_suffix(".json")).and_then(|s| s.parse().ok())
+        {
             out.push((step, path));
         }
     }
@@ -83,7 +85,11 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
 /// complete checkpoint's manifest path.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
-        return Ok(if path.extension().is_some_and(|e| e == "safetensors") { path.with_extension("json") } else { path.to_path_buf() });
+        return Ok(if path.extension().is_some_and(|e| e == "safetensors") {
+            path.with_extension("json")
+        } else {
+            path.to_path_buf()
+        });
     }
     if !path.exists() {
         bail!("checkpoint path {} does not exist", path.display())
@@ -98,10 +104,13 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 /// Loads a checkpoint (any path [`resolve`] accepts): its manifest and tensors on `device`.
 pub fn load(path: &Path, device: &Device) -> Result<(Manifest, HashMap<String, Tensor>)> {
     let manifest_path = resolve(path)?;
-    let text = std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
+    let text =
+        std::fs::read_to_string(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest_path.display()))?;
     let tensor_path = manifest_path.parent().unwrap_or(Path::new(".")).join(&manifest.tensors);
-    let tensors = candle_core::safetensors::load(&tensor_path, device).with_context(|| format!("loading {}", tensor_path.display()))?;
+    let tensors = candle_core::safetensors::load(&tensor_path, device)
+        .with_context(|| format!("loading {}", tensor_path.display()))?;
     Ok((manifest, tensors))
 }
 
@@ -120,7 +129,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ck = dir.path().join("checkpoints");
         for step in [10, 20, 30] {
-            let m = Manifest { step, epoch: 0, total_steps: 30, seed: 1, config: "x".into(), loss: 1.5, tensors: String::new() };
+            let m = Manifest {
+                step,
+                epoch: 0,
+                total_steps: 30,
+                seed: 1,
+                config: "x".into(),
+                loss: 1.5,
+                tensors: String::new(),
+            };
             let t = Tensor::new(&[step as f32, 2.0], &Device::Cpu).unwrap();
             save(&ck, &m, &[("model.w".into(), t)], 2).unwrap();
         }

@@ -164,7 +164,12 @@ impl RunConfig {
         }
         self.objective.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         if self.views.len() != self.objective.num_views() {
-            bail!("objective `{}` consumes {} views but `views` lists {}", self.objective.id(), self.objective.num_views(), self.views.len())
+            bail!(
+                "objective `{}` consumes {} views but `views` lists {}",
+                self.objective.id(),
+                self.objective.num_views(),
+                self.views.len()
+            )
         }
         let stride = self.model.stride().map_err(|e| anyhow::anyhow!("model: {e}"))?;
         for (i, v) in self.views.iter().enumerate() {

@@ -99,10 +99,18 @@ impl OptimizerConfig {
             bail!("optimizer.weight_decay must be non-negative, got {wd}")
         }
         match self {
-            Self::Sgd(c) if !(0.0..1.0).contains(&c.momentum) => bail!("optimizer.sgd.momentum must be in [0, 1), got {}", c.momentum),
-            Self::Sgd(c) if c.nesterov && c.momentum == 0.0 => bail!("optimizer.sgd.nesterov needs a positive momentum"),
-            Self::Lars(c) if !(0.0..1.0).contains(&c.momentum) => bail!("optimizer.lars.momentum must be in [0, 1), got {}", c.momentum),
-            Self::Adamw(c) if c.betas.iter().any(|b| !(0.0..1.0).contains(b)) => bail!("optimizer.adamw.betas must be in [0, 1), got {:?}", c.betas),
+            Self::Sgd(c) if !(0.0..1.0).contains(&c.momentum) => {
+                bail!("optimizer.sgd.momentum must be in [0, 1), got {}", c.momentum)
+            }
+            Self::Sgd(c) if c.nesterov && c.momentum == 0.0 => {
+                bail!("optimizer.sgd.nesterov needs a positive momentum")
+            }
+            Self::Lars(c) if !(0.0..1.0).contains(&c.momentum) => {
+                bail!("optimizer.lars.momentum must be in [0, 1), got {}", c.momentum)
+            }
+            Self::Adamw(c) if c.betas.iter().any(|b| !(0.0..1.0).contains(b)) => {
+                bail!("optimizer.adamw.betas must be in [0, 1), got {:?}", c.betas)
+            }
             _ => Ok(()),
         }
     }
@@ -247,7 +255,8 @@ impl Optimizer {
                     None => break,
                 }
             }
-            if self.steps > 0 && slots.is_empty() && !matches!(&self.cfg, OptimizerConfig::Sgd(c) if c.momentum == 0.0) {
+            if self.steps > 0 && slots.is_empty() && !matches!(&self.cfg, OptimizerConfig::Sgd(c) if c.momentum == 0.0)
+            {
                 bail!("checkpoint has no optimizer state for `{}`", p.name)
             }
         }
@@ -321,7 +330,8 @@ mod tests {
         let a = Var::from_tensor(&Tensor::ones(2, candle_core::DType::F32, &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::ones(2, candle_core::DType::F32, &dev).unwrap()).unwrap();
         let cfg = OptimizerConfig::Sgd(SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false, weight_decay: 0.0 });
-        let mut opt = Optimizer::new(cfg, vec![Param::new("a".into(), a.clone()), Param::new("head.b".into(), b)]).unwrap();
+        let mut opt =
+            Optimizer::new(cfg, vec![Param::new("a".into(), a.clone()), Param::new("head.b".into(), b)]).unwrap();
         let store = a.as_tensor().sum_all().unwrap().backward().unwrap();
         let e = opt.step(&store, 0.1, 1.0).unwrap_err().to_string();
         assert!(e.contains("`head.b` received no gradient"), "{e}");

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-
 use candle_core::Tensor;
 use selfsup_objectives::{Losses, Objective};
 

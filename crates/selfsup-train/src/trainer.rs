@@ -20,7 +20,7 @@ use selfsup_models::Vars;
 use selfsup_objectives::Objective;
 
 use crate::checkpoint::{self, Manifest};
-use crate::config::{parse_device, DataFormat, DataConfig, RunConfig};
+use crate::config::{parse_device, DataConfig, DataFormat, RunConfig};
 use crate::optim::{Optimizer, Param};
 use crate::schedule::{progress, warmup_cosine};
 
@@ -70,13 +70,24 @@ impl Trainer {
         let device = parse_device(&cfg.device)?.open()?;
         let set = load_split(&cfg.data, Split::Train).context("loading the training data")?;
         if set.c != cfg.model.in_chans {
-            bail!("model.in_chans = {} but {} has {}-channel images", cfg.model.in_chans, cfg.data.path.display(), set.c)
+            bail!(
+                "model.in_chans = {} but {} has {}-channel images",
+                cfg.model.in_chans,
+                cfg.data.path.display(),
+                set.c
+            )
         }
         let loader = Arc::new(Loader::new(Arc::new(set), cfg.views.clone(), cfg.batch_size, cfg.seed)?);
         let online = Vars::new(cfg.seed);
-        let objective = cfg.objective.build(&cfg.model, &online, &device, cfg.seed).context("building the objective")?;
+        let objective =
+            cfg.objective.build(&cfg.model, &online, &device, cfg.seed).context("building the objective")?;
         if objective.num_views() != cfg.views.len() {
-            bail!("objective `{}` consumes {} views but `views` lists {}", cfg.objective.id(), objective.num_views(), cfg.views.len())
+            bail!(
+                "objective `{}` consumes {} views but `views` lists {}",
+                cfg.objective.id(),
+                objective.num_views(),
+                cfg.views.len()
+            )
         }
         let params = online.params.vars().into_iter().map(|(name, var)| Param::new(name, var)).collect();
         let optimizer = Optimizer::new(cfg.optimizer.clone(), params)?;
@@ -133,13 +144,20 @@ impl Trainer {
     pub fn resume(&mut self, path: &Path) -> Result<()> {
         let (manifest, tensors) = checkpoint::load(path, &self.device)?;
         if manifest.seed != self.cfg.seed {
-            bail!("checkpoint {} was made with seed {}, the config says {}", path.display(), manifest.seed, self.cfg.seed)
+            bail!(
+                "checkpoint {} was made with seed {}, the config says {}",
+                path.display(),
+                manifest.seed,
+                self.cfg.seed
+            )
         }
         if manifest.step > self.total_steps {
             bail!("checkpoint is at step {}, past this run's {} steps", manifest.step, self.total_steps)
         }
         self.online.load(&checkpoint::strip_prefix(&tensors, "model")).context("restoring the model")?;
-        self.objective.load_state(&checkpoint::strip_prefix(&tensors, "objective")).context("restoring the objective state")?;
+        self.objective
+            .load_state(&checkpoint::strip_prefix(&tensors, "objective"))
+            .context("restoring the objective state")?;
         self.optimizer.load_state(&tensors).context("restoring the optimizer")?;
         self.step = manifest.step;
         self.last_checkpoint = Some(checkpoint::resolve(path)?);
@@ -147,7 +165,8 @@ impl Trainer {
     }
 
     fn save(&mut self, loss: f64) -> Result<PathBuf> {
-        let mut tensors: Vec<(String, Tensor)> = self.online.tensors().into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
+        let mut tensors: Vec<(String, Tensor)> =
+            self.online.tensors().into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
         tensors.extend(self.objective.state().into_iter().map(|(k, v)| (format!("objective.{k}"), v)));
         tensors.extend(self.optimizer.state()?);
         let manifest = Manifest {
@@ -170,7 +189,12 @@ impl Trainer {
         let kept: String = match std::fs::read_to_string(&path) {
             Ok(text) => text
                 .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= self.step))
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| (s as usize) <= self.step)
+                })
                 .map(|l| format!("{l}\n"))
                 .collect(),
             Err(_) => String::new(),
@@ -211,7 +235,8 @@ impl Trainer {
         let mut window_steps = 0usize;
         let mut last_loss = f64::NAN;
         for (step, views) in self.loader.prefetch(self.step, stop, 2) {
-            let views = views.with_context(|| format!("loading batch {} of epoch {}", step % per_epoch, step / per_epoch))?;
+            let views =
+                views.with_context(|| format!("loading batch {} of epoch {}", step % per_epoch, step / per_epoch))?;
             let views = views.iter().map(|v| v.to_device(&self.device)).collect::<candle_core::Result<Vec<_>>>()?;
             let p = progress(step, self.total_steps);
             let out = self.objective.loss(&views, p)?;
@@ -221,7 +246,10 @@ impl Trainer {
                     Some(c) => format!("the last good checkpoint is {}", c.display()),
                     None => "no checkpoint was written yet".to_string(),
                 };
-                bail!("the loss is {loss} at step {step} (epoch {}); stopping before the update: {last}", step / per_epoch)
+                bail!(
+                    "the loss is {loss} at step {step} (epoch {}); stopping before the update: {last}",
+                    step / per_epoch
+                )
             }
             let grads = out.total.backward()?;
             let mut grad_scale = 1.0;
@@ -243,7 +271,7 @@ impl Trainer {
             if let Some(bar) = &bar {
                 bar.set_position(self.step as u64);
             }
-            if self.step % self.cfg.log_every == 0 || self.step == stop {
+            if self.step.is_multiple_of(self.cfg.log_every) || self.step == stop {
                 let secs = window.elapsed().as_secs_f64();
                 let ips = (window_steps * self.cfg.batch_size) as f64 / secs.max(1e-9);
                 let mut line = serde_json::json!({
@@ -269,7 +297,7 @@ impl Trainer {
                 window = Instant::now();
                 window_steps = 0;
             }
-            if self.step % self.cfg.checkpoint.every == 0 || self.step == stop {
+            if self.step.is_multiple_of(self.cfg.checkpoint.every) || self.step == stop {
                 self.save(loss)?;
             }
         }
@@ -374,7 +402,10 @@ mod tests {
         let mut straight = Trainer::new(crate::testutil::tiny_config(&dir, a.path(), 8, 2)).unwrap().quiet();
         let s = straight.run().unwrap();
         assert_eq!(s.losses.len(), 8);
-        assert_eq!(checkpoint::list(&a.path().join("checkpoints")).unwrap().iter().map(|(s, _)| *s).collect::<Vec<_>>(), [6, 8]);
+        assert_eq!(
+            checkpoint::list(&a.path().join("checkpoints")).unwrap().iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [6, 8]
+        );
 
         let mut first = Trainer::new(crate::testutil::tiny_config(&dir, b.path(), 8, 3)).unwrap().quiet();
         let head = first.run_until(4).unwrap();
@@ -386,7 +417,13 @@ mod tests {
         let tail = resumed.run().unwrap();
         assert_eq!(tail.losses, s.losses[4..], "resumed losses differ");
         assert_eq!(weights(&resumed), weights(&straight));
-        let state = |t: &Trainer| t.objective().state().into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect::<Vec<_>>();
+        let state = |t: &Trainer| {
+            t.objective()
+                .state()
+                .into_iter()
+                .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(state(&resumed), state(&straight));
         let metrics = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
         assert_eq!(metrics.lines().count(), 8, "a resumed run rewrites the log lines after its checkpoint");

@@ -103,7 +103,8 @@ fn pretrain_resume_and_knn_end_to_end() {
     for row in ["random init", "raw pixels", "pretrained", "k=20 T=0.07", "k=200 T=0.1"] {
         assert!(table.contains(row), "{table}");
     }
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("knn.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("knn.json")).unwrap()).unwrap();
     assert_eq!(json["results"].as_array().unwrap().len(), 3);
     // The stripes are easy: raw pixels separate them well above chance (25 %).
     assert!(json["results"][1]["accuracy"][0]["top1"].as_f64().unwrap() > 50.0, "{json}");
@@ -143,7 +144,10 @@ fn data_errors_name_the_file() {
     let images = data.join("train-images-idx3-ubyte");
     let good_images = std::fs::read(&images).unwrap();
     std::fs::copy(data.join("train-labels-idx1-ubyte"), &images).unwrap();
-    assert_fails_with(&pretrain(root.path(), &config(&data, &out)), &["train-images-idx3-ubyte", "0x00000801", "expected 0x00000803"]);
+    assert_fails_with(
+        &pretrain(root.path(), &config(&data, &out)),
+        &["train-images-idx3-ubyte", "0x00000801", "expected 0x00000803"],
+    );
     // Truncated image file.
     std::fs::write(&images, &good_images[..good_images.len() / 2]).unwrap();
     assert_fails_with(&pretrain(root.path(), &config(&data, &out)), &["train-images-idx3-ubyte", "truncated"]);
@@ -151,7 +155,10 @@ fn data_errors_name_the_file() {
     std::fs::write(&images, &good_images).unwrap();
     let labels = data.join("train-labels-idx1-ubyte");
     selfsup_data::idx::write(&labels, &[5], &[0, 1, 2, 3, 0]).unwrap();
-    assert_fails_with(&pretrain(root.path(), &config(&data, &out)), &["train-labels-idx1-ubyte", "5 labels", "96 images"]);
+    assert_fails_with(
+        &pretrain(root.path(), &config(&data, &out)),
+        &["train-labels-idx1-ubyte", "5 labels", "96 images"],
+    );
     // A checkpoint path with nothing in it.
     let o = selfsup(&["eval", "knn", "--checkpoint", root.path().to_str().unwrap()]);
     assert_fails_with(&o, &["no checkpoint in"]);
