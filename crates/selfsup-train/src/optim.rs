@@ -325,6 +325,25 @@ mod tests {
     }
 
     #[test]
+    fn global_grad_norm_and_clipping_scale() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[1f32, 1.0], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[[1f32]], &dev).unwrap()).unwrap();
+        let cfg = OptimizerConfig::Sgd(SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false, weight_decay: 0.0 });
+        let mut opt = Optimizer::new(cfg, vec![Param::new("a".into(), a.clone()), Param::new("b".into(), b.clone())]).unwrap();
+        // grads: a -> (3, 0) from 3 * a[0]; b -> 4. Global norm 5.
+        let loss = ((a.as_tensor().narrow(0, 0, 1).unwrap() * 3.0).unwrap().sum_all().unwrap()
+            + (b.as_tensor() * 4.0).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!((opt.grad_norm(&grads).unwrap() - 5.0).abs() < 1e-6);
+        // Clipping to norm 1 scales by 1/5: a[0] -= 0.1 * 3/5, b -= 0.1 * 4/5.
+        opt.step(&grads, 0.1, 0.2).unwrap();
+        close(&a.as_tensor().to_vec1::<f32>().unwrap(), &[0.94, 1.0]);
+        close(&b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), &[0.92]);
+    }
+
+    #[test]
     fn missing_gradient_and_bad_config_are_named() {
         let dev = Device::Cpu;
         let a = Var::from_tensor(&Tensor::ones(2, candle_core::DType::F32, &dev).unwrap()).unwrap();

@@ -64,6 +64,9 @@ enum EvalCommand {
         /// Also evaluate the same network at random init and the raw pixels.
         #[arg(long)]
         baselines: bool,
+        /// Evaluation image side in pixels (default: the size of the run's first view).
+        #[arg(long)]
+        size: Option<usize>,
         /// Feature-extraction batch size.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -90,8 +93,8 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain { config, resume } => pretrain(config, resume),
-        Command::Eval { protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, batch, json } } => {
-            eval_knn(checkpoint, bank, queries, baselines, batch, json)
+        Command::Eval { protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, batch, json } } => {
+            eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, batch, json })
         }
         Command::Info => {
             println!(
@@ -129,14 +132,17 @@ fn pretrain(config: PathBuf, resume: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn eval_knn(
-    checkpoint: PathBuf,
+struct KnnArgs {
     bank: Option<usize>,
     queries: Option<usize>,
     baselines: bool,
+    size: Option<usize>,
     batch: usize,
     json: Option<PathBuf>,
-) -> Result<()> {
+}
+
+fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
+    let KnnArgs { bank, queries, baselines, size, batch, json } = args;
     let device = candle_core::Device::Cpu;
     let (cfg, backbone) = load_backbone(&checkpoint, &device)?;
     let mut data = cfg.data.clone();
@@ -156,7 +162,12 @@ fn eval_knn(
         eprintln!("note: {unseen} query class(es) do not occur in the bank; they count as errors");
     }
     let view = &cfg.views[0];
-    let t = EvalTransform { size: view.size, mean: view.mean.clone(), std: view.std.clone() };
+    let size = size.unwrap_or(view.size);
+    let stride = cfg.model.stride()?;
+    if size == 0 || !size.is_multiple_of(stride) {
+        anyhow::bail!("--size {size} is not a positive multiple of the model's stride {stride}")
+    }
+    let t = EvalTransform { size, mean: view.mean.clone(), std: view.std.clone() };
     let settings = KnnSetting::STANDARD;
     let mut rows: Vec<(String, Vec<KnnAccuracy>, f64)> = Vec::new();
     let mut eval = |name: &str, bank_f: candle_core::Tensor, query_f: candle_core::Tensor, secs: f64| -> Result<()> {
@@ -182,7 +193,12 @@ fn eval_knn(
     );
     eval("pretrained", b, q, t0.elapsed().as_secs_f64())?;
 
-    println!("kNN on {} ({} bank images, {} queries), top-1 %:", cfg.data.path.display(), train.n, test.n);
+    println!(
+        "kNN on {} ({} bank images, {} queries; network input {size} px), top-1 %:",
+        cfg.data.path.display(),
+        train.n,
+        test.n
+    );
     let header: Vec<String> = settings.iter().map(|s| format!("k={} T={}", s.k, s.temperature)).collect();
     println!("| features    | {} |", header.join(" | "));
     println!("|-------------|{}|", header.iter().map(|h| "-".repeat(h.len() + 2)).collect::<Vec<_>>().join("|"));
@@ -193,7 +209,7 @@ fn eval_knn(
     }
     let json_path = json.unwrap_or_else(|| cfg.output_dir.join("knn.json"));
     let value = serde_json::json!({
-        "bank": train.n, "queries": test.n,
+        "bank": train.n, "queries": test.n, "size": size,
         "results": rows.iter().map(|(n, a, s)| serde_json::json!({"features": n, "accuracy": a, "seconds": s})).collect::<Vec<_>>(),
     });
     if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
