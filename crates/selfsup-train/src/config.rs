@@ -210,3 +210,31 @@ impl DeviceSpec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped config parses and validates, and survives a TOML round trip.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let cfg = RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                assert_eq!(RunConfig::from_toml(&cfg.to_toml().unwrap()).unwrap(), cfg);
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no configs in {}", dir.display());
+    }
+
+    #[test]
+    fn device_strings() {
+        assert_eq!(parse_device("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(parse_device("cuda:1").unwrap(), DeviceSpec::Cuda(1));
+        assert!(parse_device("gpu").unwrap_err().to_string().contains("`gpu`"));
+    }
+}
