@@ -330,7 +330,8 @@ mod tests {
         let a = Var::from_tensor(&Tensor::new(&[1f32, 1.0], &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[[1f32]], &dev).unwrap()).unwrap();
         let cfg = OptimizerConfig::Sgd(SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false, weight_decay: 0.0 });
-        let mut opt = Optimizer::new(cfg, vec![Param::new("a".into(), a.clone()), Param::new("b".into(), b.clone())]).unwrap();
+        let mut opt =
+            Optimizer::new(cfg, vec![Param::new("a".into(), a.clone()), Param::new("b".into(), b.clone())]).unwrap();
         // grads: a -> (3, 0) from 3 * a[0]; b -> 4. Global norm 5.
         let loss = ((a.as_tensor().narrow(0, 0, 1).unwrap() * 3.0).unwrap().sum_all().unwrap()
             + (b.as_tensor() * 4.0).unwrap().sum_all().unwrap())
