@@ -159,8 +159,12 @@ impl CustomOp1 for Col2Im {
 /// 2-D convolution on a channels-last input.
 ///
 /// xs: (b, h, w, c_in); weight: (c_out, c_in, kh, kw) (PyTorch layout); returns
-/// (b, ho, wo, c_out). Gradients flow to both `xs` and `weight`.
+/// (b, ho, wo, c_out). Gradients flow to both `xs` and `weight`. The im2col path is CPU f32;
+/// other devices and dtypes use candle's own conv2d (the reference) until a kernel exists.
 pub fn conv2d_nhwc(xs: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if !xs.device().is_cpu() || xs.dtype() != candle_core::DType::F32 {
+        return conv2d_nhwc_reference(xs, weight, stride, padding);
+    }
     let (b, h, w, c) = xs.dims4()?;
     let (c_out, c_in, kh, kw) = weight.dims4()?;
     if c != c_in {
