@@ -7,9 +7,12 @@
 //!   GEMM-bound (candle's CPU conv backward is a direct loop, see CANDLE.md 1.2).
 //! - [`norm`]: batch normalisation over the channel (last) axis, composed from candle ops.
 //! - [`rng`]: a small seedable generator (candle's CPU RNG cannot be seeded).
+//! - [`testing`]: fast-vs-reference and finite-difference gradient checks, and the check that
+//!   every parameter of a module receives a gradient.
 
 pub mod conv;
 pub mod norm;
 pub mod rng;
+pub mod testing;
 
 pub use conv::{conv2d_nhwc, conv2d_nhwc_reference};
