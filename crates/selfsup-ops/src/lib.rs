@@ -5,14 +5,20 @@
 //!
 //! - [`conv`]: channels-last 2-D convolution as im2col + GEMM, with a backward that stays
 //!   GEMM-bound (candle's CPU conv backward is a direct loop, see CANDLE.md 1.2).
+//! - [`dwconv`]: depthwise convolution (channel multiplier, any stride/padding), channels-last.
 //! - [`norm`]: batch normalisation over the channel (last) axis, composed from candle ops.
+//! - [`sparse`]: submanifold sparse depthwise conv over visible sites (FCMAE), the sparse
+//!   2x2 downsample, and gather/scatter between site matrices and dense maps.
 //! - [`rng`]: a small seedable generator (candle's CPU RNG cannot be seeded).
 //! - [`testing`]: fast-vs-reference and finite-difference gradient checks, and the check that
 //!   every parameter of a module receives a gradient.
 
 pub mod conv;
+mod cpu;
+pub mod dwconv;
 pub mod norm;
 pub mod rng;
+pub mod sparse;
 pub mod testing;
 
 pub use conv::{conv2d_nhwc, conv2d_nhwc_reference};

@@ -1,0 +1,83 @@
+//! Shared plumbing for the CPU kernels: storage access, per-thread reductions, and a macro that
+//! compiles a hot loop twice (baseline x86-64 and AVX2+FMA) and picks one at run time.
+//!
+//! Why the macro: without `-C target-cpu`, Rust code is compiled for SSE2 (CANDLE.md 1.1), so
+//! the channel loops of the depthwise and sparse convs would run 4 lanes wide on CPUs that have
+//! 8. Runtime detection keeps one binary portable (the CPU machine and the GPU host differ).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
+
+/// The f32 data of a contiguous CPU tensor, or an error naming `what` and the problem.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        other => candle_core::bail!("{what}: only f32 is supported on CPU, got {:?}", other.dtype()),
+    }
+}
+
+/// True when the fast CPU kernel applies: f32 on the CPU. Other dtypes are converted to f32 by
+/// the public wrappers; other devices take the reference path (or a CUDA kernel, later).
+pub(crate) fn is_cpu_f32(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// Sums `len`-long accumulators produced over `n` items: each rayon task folds a block of items
+/// into its own buffer with `f(item, acc)`, and the buffers are added at the end. Used for
+/// weight and bias gradients, where every item (row, window, site) contributes to one buffer.
+pub(crate) fn par_accumulate(n: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let blocks = (rayon::current_num_threads() * 4).clamp(1, n.max(1));
+    let per = n.div_ceil(blocks);
+    (0..blocks)
+        .into_par_iter()
+        .map(|bi| {
+            let mut acc = vec![0f32; len];
+            for i in bi * per..((bi + 1) * per).min(n) {
+                f(i, &mut acc);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; len],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// `out[i] += x[i] * w[i]` over the common length; written to auto-vectorise.
+#[inline(always)]
+pub(crate) fn fma_into(out: &mut [f32], x: &[f32], w: &[f32]) {
+    let n = out.len().min(x.len()).min(w.len());
+    let (out, x, w) = (&mut out[..n], &x[..n], &w[..n]);
+    for i in 0..n {
+        out[i] += x[i] * w[i];
+    }
+}
+
+/// Defines `fn name(args)` whose body is compiled twice, for baseline x86-64 and for
+/// AVX2+FMA, and dispatches on the CPU's features at run time. Helpers the body calls should be
+/// `#[inline(always)]` so that they are compiled into both versions.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $body
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the running CPU has the features `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            fn generic($($arg: $ty),*) $body
+            generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
