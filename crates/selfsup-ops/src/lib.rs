@@ -6,7 +6,10 @@
 //! - [`conv`]: channels-last 2-D convolution as im2col + GEMM, with a backward that stays
 //!   GEMM-bound (candle's CPU conv backward is a direct loop, see CANDLE.md 1.2).
 //! - [`dwconv`]: depthwise convolution (channel multiplier, any stride/padding), channels-last.
+//! - [`grn`]: ConvNeXt V2's Global Response Normalization, dense and per sample over sites.
+//! - [`layer_norm`]: LayerNorm with a backward, over the last axis or the channels of NCHW.
 //! - [`norm`]: batch normalisation over the channel (last) axis, composed from candle ops.
+//! - [`softmax`]: softmax over the last axis with a backward (candle's fused one has none).
 //! - [`sparse`]: submanifold sparse depthwise conv over visible sites (FCMAE), the sparse
 //!   2x2 downsample, and gather/scatter between site matrices and dense maps.
 //! - [`rng`]: a small seedable generator (candle's CPU RNG cannot be seeded).
@@ -16,8 +19,11 @@
 pub mod conv;
 mod cpu;
 pub mod dwconv;
+pub mod grn;
+pub mod layer_norm;
 pub mod norm;
 pub mod rng;
+pub mod softmax;
 pub mod sparse;
 pub mod testing;
 
