@@ -3,6 +3,8 @@
 //! Every op here has a reference built from ordinary candle ops; the fast path is tested
 //! against it (values and gradients). This crate knows no models.
 //!
+//! - [`attention`]: fused attention inside windows (bias, Swin masks, iRPE contextual keys)
+//!   with a flash-style backward, plus relative-position and bucket helpers.
 //! - [`conv`]: channels-last 2-D convolution as im2col + GEMM, with a backward that stays
 //!   GEMM-bound (candle's CPU conv backward is a direct loop, see CANDLE.md 1.2).
 //! - [`dwconv`]: depthwise convolution (channel multiplier, any stride/padding), channels-last.
@@ -16,6 +18,7 @@
 //! - [`testing`]: fast-vs-reference and finite-difference gradient checks, and the check that
 //!   every parameter of a module receives a gradient.
 
+pub mod attention;
 pub mod conv;
 mod cpu;
 pub mod dwconv;
