@@ -10,6 +10,8 @@
 //!   padding (candle's pools have none when kernel != stride, e.g. ResNet's 3x3 s2 stem pool).
 //! - [`resize`]: channels-last nearest and bilinear resizing with PyTorch's `F.interpolate`
 //!   index rules and a backward (candle has none for bilinear or non-integer nearest).
+//! - [`scatter`]: row scatter-add with gradients for both operands (candle's `scatter_add`
+//!   backward fails with a shape error).
 //! - [`rng`]: a small seedable generator (candle's CPU RNG cannot be seeded).
 //! - [`testing`]: fast-vs-reference and finite-difference gradient checks, and the check that
 //!   every parameter of a module receives a gradient.
@@ -19,11 +21,13 @@ pub mod norm;
 pub mod pool;
 pub mod resize;
 pub mod rng;
+pub mod scatter;
 pub mod testing;
 
 pub use conv::{conv2d_nhwc, conv2d_nhwc_reference};
 pub use pool::{avg_pool2d_nhwc, max_pool2d_nhwc};
 pub use resize::{interpolate_nhwc, Resize};
+pub use scatter::scatter_add_rows;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
