@@ -12,9 +12,10 @@
 //! also fails with a shape error when the stride leaves a remainder, e.g. 8 px, k 3, s 2, p 1;
 //! those gradients are checked against finite differences instead.)
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu::f32_slice;
 
 /// Kernel size, stride and zero padding of a 2-D convolution (the same on both axes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,15 +55,6 @@ struct Col2Im {
     c: usize,
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input is not contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        other => candle_core::bail!("{what}: only f32 is supported on CPU, got {:?}", other.dtype()),
-    }
-}
-
 /// Signed input coordinate of output position `o`, kernel tap `k`.
 #[inline]
 fn src(o: usize, k: usize, g: &Geometry) -> isize {
@@ -77,7 +69,7 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (b, h, w, c) = l.shape().dims4()?;
-        let x = contiguous_f32(s, l, "im2col")?;
+        let x = f32_slice(s, l, "im2col")?;
         let (ho, wo) = g.out_hw(h, w)?;
         let k = g.kh * g.kw * c;
         let mut out = vec![0f32; b * ho * wo * k];
@@ -120,7 +112,7 @@ impl CustomOp1 for Col2Im {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let Col2Im { g, b, h, w, c } = *self;
-        let cols = contiguous_f32(s, l, "col2im")?;
+        let cols = f32_slice(s, l, "col2im")?;
         let (ho, wo) = g.out_hw(h, w)?;
         let k = g.kh * g.kw * c;
         if cols.len() != b * ho * wo * k {

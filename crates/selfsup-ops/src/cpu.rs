@@ -25,6 +25,20 @@ pub(crate) fn is_cpu_f32(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
+/// Runs a CPU-f32-only op `f` on `xs` from any device and dtype: moves and converts the input,
+/// then converts the result back. `to_device` and `to_dtype` have backwards, so gradients flow.
+pub(crate) fn on_cpu_f32(
+    xs: &candle_core::Tensor,
+    f: impl FnOnce(&candle_core::Tensor) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    use candle_core::{DType, Device};
+    if is_cpu_f32(xs) {
+        return f(xs);
+    }
+    let (device, dtype) = (xs.device().clone(), xs.dtype());
+    f(&xs.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?.to_dtype(dtype)?.to_device(&device)
+}
+
 /// Sums `len`-long accumulators produced over `n` items: each rayon task folds a block of items
 /// into its own buffer with `f(item, acc)`, and the buffers are added at the end. Used for
 /// weight and bias gradients, where every item (row, window, site) contributes to one buffer.

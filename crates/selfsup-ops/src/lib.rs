@@ -11,6 +11,12 @@
 //! - [`grn`]: ConvNeXt V2's Global Response Normalization, dense and per sample over sites.
 //! - [`layer_norm`]: LayerNorm with a backward, over the last axis or the channels of NCHW.
 //! - [`norm`]: batch normalisation over the channel (last) axis, composed from candle ops.
+//! - [`pool`]: channels-last max and average pooling with a backward for any kernel, stride and
+//!   padding (candle's pools have none when kernel != stride, e.g. ResNet's 3x3 s2 stem pool).
+//! - [`resize`]: channels-last nearest and bilinear resizing with PyTorch's `F.interpolate`
+//!   index rules and a backward (candle has none for bilinear or non-integer nearest).
+//! - [`scatter`]: row scatter-add with gradients for both operands (candle's `scatter_add`
+//!   backward fails with a shape error).
 //! - [`softmax`]: softmax over the last axis with a backward (candle's fused one has none).
 //! - [`sparse`]: submanifold sparse depthwise conv over visible sites (FCMAE), the sparse
 //!   2x2 downsample, and gather/scatter between site matrices and dense maps.
@@ -25,9 +31,15 @@ pub mod dwconv;
 pub mod grn;
 pub mod layer_norm;
 pub mod norm;
+pub mod pool;
+pub mod resize;
 pub mod rng;
+pub mod scatter;
 pub mod softmax;
 pub mod sparse;
 pub mod testing;
 
 pub use conv::{conv2d_nhwc, conv2d_nhwc_reference};
+pub use pool::{avg_pool2d_nhwc, max_pool2d_nhwc};
+pub use resize::{interpolate_nhwc, Resize};
+pub use scatter::scatter_add_rows;

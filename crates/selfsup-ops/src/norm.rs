@@ -14,9 +14,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu::f32_slice;
 
 /// Batch statistics of a normalisation in training mode.
 pub struct BatchStats {
@@ -72,14 +73,6 @@ struct BnTrain {
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: not contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        other => candle_core::bail!("{what}: only f32 on CPU, got {:?}", other.dtype()),
-    }
-}
-
 /// Per-channel sums over rows of `rows` (m, c) of `f(row_values, channel)`, in f64, split
 /// across threads by row blocks.
 fn channel_sums(m: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
@@ -117,8 +110,8 @@ impl CustomOp3 for BnTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "batch_norm x")?;
-        let (gamma, beta) = (slice(s2, l2, "batch_norm weight")?, slice(s3, l3, "batch_norm bias")?);
+        let x = f32_slice(s1, l1, "batch_norm x")?;
+        let (gamma, beta) = (f32_slice(s2, l2, "batch_norm weight")?, f32_slice(s3, l3, "batch_norm bias")?);
         let c = gamma.len();
         if beta.len() != c || c == 0 || x.len() % c != 0 {
             candle_core::bail!("batch_norm: x {:?} with weight ({c},) and bias ({},)", l1.shape(), beta.len())
@@ -201,7 +194,8 @@ impl CustomOp3 for BnBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy, gb) = (slice(s1, l1, "bn bwd x")?, slice(s2, l2, "bn bwd dy")?, slice(s3, l3, "bn bwd params")?);
+        let (x, dy, gb) =
+            (f32_slice(s1, l1, "bn bwd x")?, f32_slice(s2, l2, "bn bwd dy")?, f32_slice(s3, l3, "bn bwd params")?);
         let c = gb.len() / 2;
         let (gamma, beta) = gb.split_at(c);
         let m = x.len() / c;

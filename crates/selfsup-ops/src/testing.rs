@@ -166,10 +166,10 @@ mod tests {
         let x = randn(&[3, 4], 1);
         // A "fast path" whose backward is wrong: detach drops the gradient.
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            compare_with_reference(&[x.clone()], |t| t[0].detach().sqr(), |t| t[0].sqr(), 1e-5, 1e-5, "sqr")
+            compare_with_reference(std::slice::from_ref(&x), |t| t[0].detach().sqr(), |t| t[0].sqr(), 1e-5, 1e-5, "sqr")
         }));
         assert!(res.is_err(), "a dropped gradient must fail the comparison");
-        compare_with_reference(&[x.clone()], |t| t[0].sqr(), |t| &t[0] * &t[0], 1e-5, 1e-5, "sqr");
+        compare_with_reference(std::slice::from_ref(&x), |t| t[0].sqr(), |t| &t[0] * &t[0], 1e-5, 1e-5, "sqr");
         check_finite_differences(&[x], |t| t[0].sqr()?.exp(), 1e-3, 1e-2, 1, "exp(x^2)");
     }
 
