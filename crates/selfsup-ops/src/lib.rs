@@ -11,6 +11,7 @@
 //! - [`grn`]: ConvNeXt V2's Global Response Normalization, dense and per sample over sites.
 //! - [`layer_norm`]: LayerNorm with a backward, over the last axis or the channels of NCHW.
 //! - [`norm`]: batch normalisation over the channel (last) axis, composed from candle ops.
+//! - [`partition`]: window, shifted-window and SegNetr global partitions with exact inverses.
 //! - [`pool`]: channels-last max and average pooling with a backward for any kernel, stride and
 //!   padding (candle's pools have none when kernel != stride, e.g. ResNet's 3x3 s2 stem pool).
 //! - [`resize`]: channels-last nearest and bilinear resizing with PyTorch's `F.interpolate`
@@ -31,6 +32,7 @@ pub mod dwconv;
 pub mod grn;
 pub mod layer_norm;
 pub mod norm;
+pub mod partition;
 pub mod pool;
 pub mod resize;
 pub mod rng;
