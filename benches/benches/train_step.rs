@@ -8,6 +8,7 @@ use selfsup_models::{Arch, ModelConfig, Vars};
 use selfsup_objectives::{byol, Objective};
 
 fn step(c: &mut Criterion) {
+    selfsup_benches::init();
     let model = ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![16, 32, 64, 128]) };
     let cfg = byol::Config { proj_hidden: 512, proj_dim: 128, base_momentum: 0.99 };
     let vars = Vars::new(0);

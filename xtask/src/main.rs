@@ -3,7 +3,7 @@
 //! ```text
 //! cargo xtask ci      fmt check, repository rules, clippy -D warnings, tests (release profile)
 //! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN table (the README's main job)
-//! cargo xtask bench   criterion benches, then a summary table with fast/reference ratios
+//! cargo xtask bench   criterion benches, PyTorch on the same op shapes, then a summary table
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -123,43 +123,106 @@ fn bench(args: &[String]) -> Result<()> {
     cmd.args(["bench", "-p", "selfsup-benches", "--"]);
     cmd.args(args);
     run(&mut cmd)?;
+    torch_ops(args)?;
     summary()
 }
 
-/// Reads criterion's `estimates.json` files and prints one row per bench, with the ratio of
-/// `reference` to `fast` within each group.
+/// Times PyTorch on the ops cases (benches/torch_ops.py) right after the Rust run, so the two
+/// columns come from the same machine state. Python is `SELFSUP_PYTHON` or `python3`; without
+/// torch the script prints why and the PyTorch column stays empty.
+fn torch_ops(args: &[String]) -> Result<()> {
+    let cases = root().join("target/criterion/ops-cases.json");
+    let out = root().join("target/criterion/torch-ops.json");
+    let _ = std::fs::remove_file(&out);
+    if !cases.exists() {
+        return Ok(());
+    }
+    let python = std::env::var("SELFSUP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut cmd = Command::new(python);
+    cmd.arg(root().join("benches/torch_ops.py")).arg(&cases).arg(&out);
+    if let Some(filter) = args.iter().find(|a| !a.starts_with('-')) {
+        cmd.env("SELFSUP_BENCH_FILTER", filter);
+    }
+    if let Err(e) = run(&mut cmd) {
+        eprintln!("xtask: the PyTorch comparison failed ({e:#}); printing the Rust numbers only");
+    }
+    Ok(())
+}
+
+/// One bench of a group: name, mean seconds, criterion's throughput elements.
+struct Measured {
+    name: String,
+    secs: f64,
+    elements: Option<f64>,
+}
+
+/// Reads criterion's `estimates.json` files (and PyTorch's times, when present) and prints one
+/// row per bench: mean time, rate, and the speed ratios against `reference` and PyTorch within
+/// the group. Throughput elements are FLOPs for op groups (GFLOP/s) and images for groups
+/// whose name contains `step` (images/s).
 fn summary() -> Result<()> {
     let dir = root().join("target/criterion");
-    let mut rows: Vec<(String, String, f64, Option<f64>)> = Vec::new();
+    let torch = std::fs::read_to_string(dir.join("torch-ops.json")).unwrap_or_default();
+    let mut lines = Vec::new();
     for group in sorted_dirs(&dir)? {
         let gname = group.file_name().unwrap_or_default().to_string_lossy().to_string();
-        let benches: Vec<(String, f64, Option<f64>)> = sorted_dirs(&group)?
+        let mut benches: Vec<Measured> = sorted_dirs(&group)?
             .into_iter()
             .filter_map(|b| {
                 let text = std::fs::read_to_string(b.join("new/estimates.json")).ok()?;
                 let mean = json_number(&text[text.find("\"mean\"")?..], "\"point_estimate\"")?;
-                let thr = std::fs::read_to_string(b.join("new/benchmark.json"))
+                let elements = std::fs::read_to_string(b.join("new/benchmark.json"))
                     .ok()
                     .and_then(|t| json_number(&t, "\"Elements\""));
-                Some((b.file_name()?.to_string_lossy().to_string(), mean, thr))
+                Some(Measured { name: b.file_name()?.to_string_lossy().to_string(), secs: mean * 1e-9, elements })
             })
             .collect();
-        let reference = benches.iter().find(|(n, _, _)| n == "reference").map(|(_, m, _)| *m);
-        for (name, mean, elems) in benches {
-            let ratio = reference.filter(|_| name != "reference").map(|r| r / mean);
-            let per_sec = elems.map(|e| format!("{:.0}/s", e / (mean * 1e-9))).unwrap_or_default();
-            rows.push((gname.clone(), format!("{name} {per_sec}"), mean / 1e6, ratio));
+        if benches.is_empty() {
+            continue;
+        }
+        let flops = benches[0].elements;
+        if let Some(secs) = json_number_after(&torch, &format!("\"{gname}\"")) {
+            benches.push(Measured { name: "pytorch".into(), secs, elements: flops });
+        }
+        let find = |n: &str| benches.iter().find(|m| m.name == n).map(|m| m.secs);
+        let (reference, pytorch) = (find("reference"), find("pytorch"));
+        let images = gname.contains("step");
+        for m in &benches {
+            let rate = m.elements.map(|e| {
+                if images {
+                    format!("{:.0} img/s", e / m.secs)
+                } else {
+                    format!("{:.1} GFLOP/s", e / m.secs / 1e9)
+                }
+            });
+            let vs = |r: Option<f64>| match r {
+                Some(r) if m.name != "reference" && m.name != "pytorch" => format!("{:.2}x", r / m.secs),
+                _ => String::new(),
+            };
+            lines.push(format!(
+                "| {gname} | {} | {:.2} | {} | {} | {} |",
+                m.name,
+                m.secs * 1e3,
+                rate.unwrap_or_default(),
+                vs(reference),
+                vs(pytorch)
+            ));
         }
     }
-    if rows.is_empty() {
+    if lines.is_empty() {
         bail!("no criterion results under {}", dir.display())
     }
-    println!("| group | bench | mean (ms) | reference / fast |");
-    println!("|---|---|---|---|");
-    for (g, b, ms, r) in rows {
-        println!("| {g} | {} | {ms:.2} | {} |", b.trim(), r.map(|r| format!("{r:.2}x")).unwrap_or_default());
-    }
+    println!("| group | bench | mean (ms) | rate | speed vs reference | speed vs PyTorch |");
+    println!("|---|---|---|---|---|---|");
+    lines.iter().for_each(|l| println!("{l}"));
     Ok(())
+}
+
+/// The number that follows `key` and a colon, e.g. `"group": 0.123` in torch-ops.json.
+fn json_number_after(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?;
+    json_number(rest, "")
 }
 
 fn sorted_dirs(dir: &Path) -> Result<Vec<PathBuf>> {

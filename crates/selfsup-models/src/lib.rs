@@ -96,10 +96,8 @@ mod tests {
             let loss = m.forward_pooled(&xs, true).unwrap().sqr().unwrap().sum_all().unwrap();
             assert!(loss.to_scalar::<f32>().unwrap().is_finite(), "{arch:?}");
             let grads = loss.backward().unwrap();
-            for (name, var) in vars.params.vars() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
-                assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().is_finite());
-            }
+            let params = vars.params.vars();
+            selfsup_ops::testing::assert_every_var_has_grad(params.iter().map(|(n, v)| (n.as_str(), v)), &grads);
         }
     }
 }

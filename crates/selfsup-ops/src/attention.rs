@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::f32_slice;
+use crate::cpu::{f32_slice, mm, SyncPtr};
 
 /// iRPE's contextual bias on keys: `ctx_scale * q_i . table[head or 0][:, buckets[i * lk + j]]`.
 #[derive(Debug, Clone)]
@@ -121,61 +121,6 @@ impl Pos {
     /// Offset of the table slice used by `head`, and its bucket count.
     fn table_of(&self, d: &Dims, head: usize) -> Option<(usize, usize)> {
         self.table.map(|(th, nb)| (self.bias_len(d) + if th == 1 { 0 } else { head * d.d * nb }, nb))
-    }
-}
-
-/// A raw pointer that may cross rayon tasks; every task writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only to hand disjoint per-window regions of one buffer to different tasks.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-/// `dst (m x n) = [dst +] beta * lhs (m x k) . rhs (k x n)`, all strided (row stride, column
-/// stride), single-threaded.
-///
-/// # Safety
-/// Every pointer must be valid for the elements its strides and sizes address, and `dst` must
-/// not overlap `lhs` or `rhs`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
-) {
-    // SAFETY: forwarded from the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs,
-            accumulate,
-            lhs,
-            lhs_cs,
-            lhs_rs,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 

@@ -39,6 +39,60 @@ pub(crate) fn on_cpu_f32(
     f(&xs.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?.to_dtype(dtype)?.to_device(&device)
 }
 
+/// A raw pointer that may cross rayon tasks; every task writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: used only to hand disjoint per-window regions of one buffer to different tasks.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// `dst (m x n) = [dst +] beta * lhs (m x k) . rhs (k x n)`, all strided (row stride, column
+/// stride), single-threaded.
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides and sizes address, and `dst` must
+/// not overlap `lhs` or `rhs`.
+pub(crate) unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: f32,
+) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            accumulate,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// Sums `len`-long accumulators produced over `n` items: each rayon task folds a block of items
 /// into its own buffer with `f(item, acc)`, and the buffers are added at the end. Used for
 /// weight and bias gradients, where every item (row, window, site) contributes to one buffer.

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{f32_slice, is_cpu_f32, par_accumulate};
+use crate::cpu::{f32_slice, is_cpu_f32, multiversion, par_accumulate};
 
 /// Which axis is normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,13 @@ impl CustomOp3 for LayerNorm {
         let block = g.c * g.inner;
         let mut out = vec![0f32; x.len()];
         let per = rows_per_task(g);
+        if g.inner == 1 {
+            let eps = self.eps as f32;
+            out.par_chunks_mut(block * per)
+                .zip(x.par_chunks(block * per))
+                .for_each(|(o, x)| rows_fwd(x, w, b, g.c, eps, o));
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
         out.par_chunks_mut(block * per).zip(x.par_chunks(block * per)).for_each(|(o, x)| {
             let mut sc = Scratch::new(g.inner);
             for (o, x) in o.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
@@ -142,10 +149,139 @@ impl CustomOp3 for LayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let c = w.dim(0)?;
+        if self.axis == Axis::Last {
+            let all = x.apply_op3_no_bwd(w, &grad, &RowsBwd { eps: self.eps as f32 })?;
+            let n = x.elem_count();
+            return Ok((
+                Some(all.narrow(0, 0, n)?.reshape(x.shape())?),
+                Some(all.narrow(0, n, c)?),
+                Some(all.narrow(0, n + c, c)?),
+            ));
+        }
         let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormInputGrad { axis: self.axis, eps: self.eps })?;
         let dwb = x.apply_op2_no_bwd(&grad, &LayerNormParamGrad { axis: self.axis, eps: self.eps })?;
-        let c = w.dim(0)?;
         Ok((Some(dx), Some(dwb.narrow(0, 0, c)?), Some(dwb.narrow(0, c, c)?)))
+    }
+}
+
+/// `sum_i f(a[i], b[i])` in eight lanes over `chunks_exact` (so the bounds checks vanish and
+/// the loop vectorises; a plain `.sum()` must keep the serial order).
+#[inline(always)]
+fn lanes2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y)).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum_i a[i] * b[i] * (c[i] - m)` in eight lanes.
+#[inline(always)]
+fn dot3_centered(a: &[f32], b: &[f32], c: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f32 =
+        ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder()).map(|((x, y), z)| x * y * (z - m)).sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l] * (z[l] - m);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Mean and 1/std of one row (two passes over a row that sits in L1).
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lanes2(x, x, |v, _| v) / n;
+    let var = lanes2(x, x, |v, _| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+multiversion! {
+    /// Last-axis forward over a block of rows of `c` values.
+    fn rows_fwd(x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32, out: &mut [f32]) {
+        for (x, o) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+            let (mean, rstd) = row_stats(x, eps);
+            for k in 0..c {
+                o[k] = (x[k] - mean) * rstd * w[k] + b[k];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Last-axis backward over a block of rows: writes dx, adds into dw and db.
+    fn rows_bwd(x: &[f32], w: &[f32], dy: &[f32], c: usize, eps: f32, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+        let inv = 1.0 / c as f32;
+        for ((x, dy), dx) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+            let (mean, rstd) = row_stats(x, eps);
+            let m1 = lanes2(dy, w, |d, w| d * w) * inv;
+            let m2 = dot3_centered(dy, w, x, mean) * rstd * inv;
+            for k in 0..c {
+                let xhat = (x[k] - mean) * rstd;
+                dx[k] = rstd * (dy[k] * w[k] - m1 - xhat * m2);
+                dw[k] += dy[k] * xhat;
+                db[k] += dy[k];
+            }
+        }
+    }
+}
+
+/// The fused last-axis backward: (x, w, dy) -> flat [dx, dw, db] in one pass over x and dy.
+struct RowsBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for RowsBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-rows-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm bwd: x")?;
+        let w = f32_slice(s2, l2, "layer_norm bwd: w")?;
+        let dy = f32_slice(s3, l3, "layer_norm bwd: dy")?;
+        let c = w.len();
+        let n = x.len();
+        let mut out = vec![0f32; n + 2 * c];
+        let (dx, tail) = out.split_at_mut(n);
+        let per = rows_per_task(Geom { groups: 0, c, inner: 1 }) * c;
+        let params = dx
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .zip(dy.par_chunks(per))
+            .fold(
+                || vec![0f32; 2 * c],
+                |mut acc, ((dx, x), dy)| {
+                    let (dw, db) = acc.split_at_mut(c);
+                    rows_bwd(x, w, dy, c, self.eps, dx, dw, db);
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; 2 * c],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        tail.copy_from_slice(&params);
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::f32_slice;
+use crate::cpu::{f32_slice, multiversion};
 
 /// Batch statistics of a normalisation in training mode.
 pub struct BatchStats {
@@ -73,27 +73,103 @@ struct BnTrain {
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-/// Per-channel sums over rows of `rows` (m, c) of `f(row_values, channel)`, in f64, split
-/// across threads by row blocks.
-fn channel_sums(m: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
-    let blocks = rayon::current_num_threads().max(1) * 4;
-    let per = m.div_ceil(blocks);
+/// Rows per block: per-block partial sums are f32 (vectorised), blocks are summed in f64.
+const ROWS: usize = 128;
+
+/// Per-channel sums (length `len`) over the `m` rows, block by block: `f(first_row, rows, acc)`
+/// adds a block's f32 partial sums into `acc`; blocks are spread over threads and their sums
+/// added in f64.
+fn channel_sums(m: usize, len: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f64> {
+    let blocks = m.div_ceil(ROWS);
     (0..blocks)
         .into_par_iter()
-        .map(|bi| {
-            let mut acc = vec![0f64; c];
-            for r in bi * per..((bi + 1) * per).min(m) {
-                f(r, &mut acc);
-            }
-            acc
-        })
+        .fold(
+            || (vec![0f32; len], vec![0f64; len]),
+            |(mut part, mut acc), bi| {
+                part.fill(0.0);
+                f(bi * ROWS, ROWS.min(m - bi * ROWS), &mut part);
+                acc.iter_mut().zip(&part).for_each(|(a, p)| *a += *p as f64);
+                (part, acc)
+            },
+        )
+        .map(|(_, acc)| acc)
         .reduce(
-            || vec![0f64; c],
+            || vec![0f64; len],
             |mut a, b| {
                 a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                 a
             },
         )
+}
+
+multiversion! {
+    /// acc[0..c] += x, acc[c..2c] += x^2 over a block of rows, shifted by `pivot` (the first
+    /// row's values) so that the variance does not cancel catastrophically.
+    fn moments_block(x: &[f32], pivot: &[f32], c: usize, acc: &mut [f32]) {
+        let (s1, s2) = acc.split_at_mut(c);
+        for row in x.chunks_exact(c) {
+            for j in 0..c {
+                let d = row[j] - pivot[j];
+                s1[j] += d;
+                s2[j] += d * d;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// y = x * scale + shift (then ReLU) over a block of rows.
+    fn apply_block(x: &[f32], scale: &[f32], shift: &[f32], relu: bool, c: usize, y: &mut [f32]) {
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for j in 0..c {
+                let v = xr[j] * scale[j] + shift[j];
+                yr[j] = if relu { v.max(0.0) } else { v };
+            }
+        }
+    }
+}
+
+/// Per-channel constants of the backward.
+struct BwdConsts<'a> {
+    invstd: &'a [f32],
+    shift: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    relu: bool,
+}
+
+/// (xhat, gradient reaching the normalisation) of one value. With ReLU the gradient passes
+/// only where the output gamma * xhat + beta was positive.
+#[inline(always)]
+fn bwd_at(k: &BwdConsts, j: usize, x: f32, g: f32) -> (f32, f32) {
+    let xh = x * k.invstd[j] + k.shift[j];
+    (xh, if k.relu && k.gamma[j] * xh + k.beta[j] <= 0.0 { 0.0 } else { g })
+}
+
+multiversion! {
+    /// acc[0..c] += g, acc[c..2c] += g * xhat over a block of rows.
+    fn bwd_sums_block(x: &[f32], dy: &[f32], k: &BwdConsts, c: usize, acc: &mut [f32]) {
+        let (sg, sgx) = acc.split_at_mut(c);
+        for (xr, dr) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+            for j in 0..c {
+                let (xh, g) = bwd_at(k, j, xr[j], dr[j]);
+                sg[j] += g;
+                sgx[j] += g * xh;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dx = coef * (m * g - db - xhat * dg) over a block of rows.
+    fn dx_block(x: &[f32], dy: &[f32], k: &BwdConsts, coef: &[f32], db: &[f32], dg: &[f32], m: f32, c: usize, dx: &mut [f32]) {
+        for ((xr, dr), out) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+            for j in 0..c {
+                let (xh, g) = bwd_at(k, j, xr[j], dr[j]);
+                out[j] = coef[j] * (m * g - db[j] - xh * dg[j]);
+            }
+        }
+    }
 }
 
 impl CustomOp3 for BnTrain {
@@ -117,31 +193,18 @@ impl CustomOp3 for BnTrain {
             candle_core::bail!("batch_norm: x {:?} with weight ({c},) and bias ({},)", l1.shape(), beta.len())
         }
         let m = x.len() / c;
-        let sums = channel_sums(m, c, |r, acc| {
-            for (a, &v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-                *a += v as f64;
-            }
-        });
-        let mean: Vec<f64> = sums.iter().map(|s| s / m as f64).collect();
-        let sq = channel_sums(m, c, |r, acc| {
-            for ((a, &v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
-                let d = v as f64 - mu;
-                *a += d * d;
-            }
-        });
-        let var: Vec<f64> = sq.iter().map(|s| s / m as f64).collect();
+        let pivot = &x[..c];
+        let sums =
+            channel_sums(m, 2 * c, |first, rows, acc| moments_block(&x[first * c..(first + rows) * c], pivot, c, acc));
+        let mean: Vec<f64> = (0..c).map(|j| pivot[j] as f64 + sums[j] / m as f64).collect();
+        let var: Vec<f64> = (0..c).map(|j| (sums[c + j] / m as f64 - (sums[j] / m as f64).powi(2)).max(0.0)).collect();
         let scale: Vec<f32> = var.iter().zip(gamma).map(|(v, g)| (*g as f64 / (v + self.eps).sqrt()) as f32).collect();
         let shift: Vec<f32> = (0..c).map(|j| beta[j] - (mean[j] as f32) * scale[j]).collect();
         let mut y = vec![0f32; x.len()];
         let relu = self.relu;
-        y.par_chunks_mut(c * 64).zip(x.par_chunks(c * 64)).for_each(|(yb, xb)| {
-            for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
-                for j in 0..c {
-                    let v = xr[j] * scale[j] + shift[j];
-                    yr[j] = if relu { v.max(0.0) } else { v };
-                }
-            }
-        });
+        y.par_chunks_mut(c * ROWS)
+            .zip(x.par_chunks(c * ROWS))
+            .for_each(|(yb, xb)| apply_block(xb, &scale, &shift, relu, c, yb));
         *self.saved.lock().expect("bn lock") = Some(Saved {
             mean: mean.iter().map(|v| *v as f32).collect(),
             var: var.iter().map(|v| *v as f32).collect(),
@@ -201,34 +264,19 @@ impl CustomOp3 for BnBwd {
         let m = x.len() / c;
         let invstd: Vec<f32> = self.saved.var.iter().map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32).collect();
         let shift: Vec<f32> = (0..c).map(|j| -self.saved.mean[j] * invstd[j]).collect();
-        let relu = self.relu;
-        // (xhat, gradient reaching the normalisation) at row r, channel j. With ReLU the
-        // gradient passes only where the output gamma * xhat + beta was positive.
-        let at = |r: usize, j: usize| {
-            let xh = x[r * c + j] * invstd[j] + shift[j];
-            let g = dy[r * c + j];
-            (xh, if relu && gamma[j] * xh + beta[j] <= 0.0 { 0.0 } else { g })
-        };
-        let sums = channel_sums(m, 2 * c, |r, acc| {
-            for j in 0..c {
-                let (xh, g) = at(r, j);
-                acc[j] += g as f64;
-                acc[c + j] += (g * xh) as f64;
-            }
+        let k = BwdConsts { invstd: &invstd, shift: &shift, gamma, beta, relu: self.relu };
+        let sums = channel_sums(m, 2 * c, |first, rows, acc| {
+            let span = first * c..(first + rows) * c;
+            bwd_sums_block(&x[span.clone()], &dy[span], &k, c, acc)
         });
         let (db, dg): (Vec<f32>, Vec<f32>) =
             (sums[..c].iter().map(|v| *v as f32).collect(), sums[c..].iter().map(|v| *v as f32).collect());
-        let k: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j] / m as f32).collect();
+        let coef: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j] / m as f32).collect();
         let mut out = vec![0f32; (m + 2) * c];
         let (dx, tail) = out.split_at_mut(m * c);
-        dx.par_chunks_mut(c * 64).enumerate().for_each(|(bi, block)| {
-            for (i, row) in block.chunks_mut(c).enumerate() {
-                let r = bi * 64 + i;
-                for j in 0..c {
-                    let (xh, g) = at(r, j);
-                    row[j] = k[j] * (m as f32 * g - db[j] - xh * dg[j]);
-                }
-            }
+        dx.par_chunks_mut(c * ROWS).enumerate().for_each(|(bi, block)| {
+            let span = bi * ROWS * c..bi * ROWS * c + block.len();
+            dx_block(&x[span.clone()], &dy[span], &k, &coef, &db, &dg, m as f32, c, block)
         });
         tail[..c].copy_from_slice(&dg);
         tail[c..].copy_from_slice(&db);
