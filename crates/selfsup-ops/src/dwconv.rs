@@ -17,7 +17,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{f32_slice, fma_into, is_cpu_f32, multiversion, par_accumulate};
+use crate::cpu::{f32_slice, fma_into, is_cpu_f32, multiversion};
 
 /// Geometry of a depthwise convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +178,337 @@ multiversion! {
     }
 }
 
+/// Register-blocked AVX2/FMA kernels for the common case (multiplier 1, channels a multiple of
+/// 8, kernel height up to 16): the baseline loops above keep their accumulators in memory and
+/// run at about a fifth of what the core can do; these keep 8-channel accumulators for four
+/// output positions in registers across all taps.
+// The kernels are pointer arithmetic from top to bottom; each documents its bounds once
+// instead of wrapping every load in its own `unsafe` block.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn)]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use super::{Dims, Dw};
+
+    /// Whether the AVX2 kernels apply to this call on this CPU.
+    pub(super) fn usable(g: &Dw, c: usize) -> bool {
+        g.mult == 1
+            && c.is_multiple_of(8)
+            && g.kh <= 16
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    }
+
+    /// The input rows (ky, iy) that output row `oy` reads.
+    fn rows(g: &Dw, d: &Dims, oy: usize) -> ([(usize, usize); 16], usize) {
+        let mut out = [(0, 0); 16];
+        let mut n = 0;
+        for ky in 0..g.kh {
+            if let Some(iy) = g.src(oy, ky, d.h) {
+                out[n] = (ky, iy);
+                n += 1;
+            }
+        }
+        (out, n)
+    }
+
+    /// One output row of the forward; see `super::fwd_row`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA ([`usable`]); slices have the sizes `super::fwd_row` uses.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fwd_row(
+        g: Dw,
+        d: Dims,
+        x: &[f32],
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        oy: usize,
+        out: &mut [f32],
+    ) {
+        // Every pointer offset below addresses a value inside x (h, w, c), wt (taps, c), bias
+        // (c) or out (wo, c): rows and columns come from `src` or the interior range, channels
+        // from cb + [0, 8) with c a multiple of 8.
+        let c = d.co;
+        let (rows, nrows) = rows(&g, &d, oy);
+        let rows = &rows[..nrows];
+        // Output positions whose every horizontal tap lies inside the input.
+        let lo = g.padding.div_ceil(g.stride).min(d.wo);
+        let hi = if d.w + g.padding >= g.kw { ((d.w + g.padding - g.kw) / g.stride + 1).min(d.wo) } else { 0 }.max(lo);
+        let (xp, wp, op) = (x.as_ptr(), wt.as_ptr(), out.as_mut_ptr());
+        let bias_at = |cb: usize| match bias {
+            Some(b) => _mm256_loadu_ps(b.as_ptr().add(cb)),
+            None => _mm256_setzero_ps(),
+        };
+        // Positions outer, channel blocks inner: the input window of a few positions stays in
+        // L1 while all its channel blocks are done (channel-outer order thrashed L1 at c >= 64).
+        // Borders, one position at a time, with bounds checks.
+        for ox in (0..lo).chain(hi..d.wo) {
+            for cb in (0..c).step_by(8) {
+                let mut acc = bias_at(cb);
+                for &(ky, iy) in rows {
+                    for kx in 0..g.kw {
+                        if let Some(ix) = g.src(ox, kx, d.w) {
+                            let w = _mm256_loadu_ps(wp.add((ky * g.kw + kx) * c + cb));
+                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add((iy * d.w + ix) * c + cb)), w, acc);
+                        }
+                    }
+                }
+                _mm256_storeu_ps(op.add(ox * c + cb), acc);
+            }
+        }
+        // Interior, eight positions at a time (eight accumulators and the weight stay in
+        // registers), then one at a time; no checks.
+        let s = g.stride * c;
+        let mut ox = lo;
+        while ox < hi {
+            let n = if hi - ox >= 8 { 8 } else { 1 };
+            for cb in (0..c).step_by(8) {
+                let mut a = [bias_at(cb); 8];
+                for &(ky, iy) in rows {
+                    let base = xp.add((iy * d.w + ox * g.stride - g.padding) * c + cb);
+                    for kx in 0..g.kw {
+                        let w = _mm256_loadu_ps(wp.add((ky * g.kw + kx) * c + cb));
+                        let p = base.add(kx * c);
+                        if n == 8 {
+                            for (j, acc) in a.iter_mut().enumerate() {
+                                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(j * s)), w, *acc);
+                            }
+                        } else {
+                            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w, a[0]);
+                        }
+                    }
+                }
+                for (j, acc) in a.iter().enumerate().take(n) {
+                    _mm256_storeu_ps(op.add((ox + j) * c + cb), *acc);
+                }
+            }
+            ox += n;
+        }
+    }
+
+    /// The weight (and bias) gradient of a zero-padded block (padding 0, every tap inside):
+    /// for each kernel row and channel block, `KW` accumulators (one per kernel column) stay in
+    /// registers over every output position of the block; each dy value is loaded once per
+    /// kernel row.
+    ///
+    /// # Safety
+    /// As [`fwd_row`]; `g.kw == KW`, `pad` holds the padded block `d`, `dy_rows` `n` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn wgrad_block<const KW: usize>(
+        g: Dw,
+        d: Dims,
+        pad: &[f32],
+        dy_rows: &[f32],
+        n: usize,
+        with_bias: bool,
+        acc: &mut [f32],
+    ) {
+        let c = d.co;
+        let (xp, dp, ap) = (pad.as_ptr(), dy_rows.as_ptr(), acc.as_mut_ptr());
+        for ky in 0..g.kh {
+            for cb in (0..c).step_by(8) {
+                let mut a = [_mm256_setzero_ps(); KW];
+                for oy in 0..n {
+                    let xr = xp.add((oy * g.stride + ky) * d.w * c + cb);
+                    let dr = dp.add(oy * d.wo * c + cb);
+                    for ox in 0..d.wo {
+                        let dv = _mm256_loadu_ps(dr.add(ox * c));
+                        let xb = xr.add(ox * g.stride * c);
+                        for (kx, acc) in a.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(dv, _mm256_loadu_ps(xb.add(kx * c)), *acc);
+                        }
+                    }
+                }
+                for (kx, v) in a.iter().enumerate() {
+                    let p = ap.add((ky * KW + kx) * c + cb);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *v));
+                }
+            }
+        }
+        if with_bias {
+            let taps = g.kh * KW;
+            for cb in (0..c).step_by(8) {
+                let mut s0 = _mm256_setzero_ps();
+                for i in 0..n * d.wo {
+                    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(dp.add(i * c + cb)));
+                }
+                let p = ap.add(taps * c + cb);
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), s0));
+            }
+        }
+    }
+
+    /// One output row's contribution to the weight (and bias) gradient; see
+    /// `super::bwd_weight_row`.
+    ///
+    /// # Safety
+    /// As [`fwd_row`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bwd_weight_row(
+        g: Dw,
+        d: Dims,
+        x: &[f32],
+        dyrow: &[f32],
+        oy: usize,
+        with_bias: bool,
+        acc: &mut [f32],
+    ) {
+        // Offsets address x (h, w, c), dyrow (wo, c) and acc (taps + 1, c) inside their bounds
+        // (valid_range keeps ix inside the row).
+        let c = d.co;
+        let (rows, nrows) = rows(&g, &d, oy);
+        let (xp, dp, ap) = (x.as_ptr(), dyrow.as_ptr(), acc.as_mut_ptr());
+        for &(ky, iy) in &rows[..nrows] {
+            let xr = xp.add(iy * d.w * c);
+            for kx in 0..g.kw {
+                let (lo, hi) = g.valid_range(kx, d.w, d.wo);
+                for cb in (0..c).step_by(8) {
+                    let (mut s0, mut s1, mut s2, mut s3) =
+                        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut ox = lo;
+                    macro_rules! xo {
+                        ($o:expr) => {
+                            _mm256_loadu_ps(xr.add((($o * g.stride + kx) - g.padding) * c + cb))
+                        };
+                    }
+                    macro_rules! yo {
+                        ($o:expr) => {
+                            _mm256_loadu_ps(dp.add($o * c + cb))
+                        };
+                    }
+                    while ox + 4 <= hi {
+                        s0 = _mm256_fmadd_ps(yo!(ox), xo!(ox), s0);
+                        s1 = _mm256_fmadd_ps(yo!(ox + 1), xo!(ox + 1), s1);
+                        s2 = _mm256_fmadd_ps(yo!(ox + 2), xo!(ox + 2), s2);
+                        s3 = _mm256_fmadd_ps(yo!(ox + 3), xo!(ox + 3), s3);
+                        ox += 4;
+                    }
+                    while ox < hi {
+                        let xv = _mm256_loadu_ps(xr.add(((ox * g.stride + kx) - g.padding) * c + cb));
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(dp.add(ox * c + cb)), xv, s0);
+                        ox += 1;
+                    }
+                    let sum = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+                    let a = ap.add((ky * g.kw + kx) * c + cb);
+                    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), sum));
+                }
+            }
+        }
+        if with_bias {
+            let taps = g.kh * g.kw;
+            for cb in (0..c).step_by(8) {
+                let mut s0 = _mm256_setzero_ps();
+                for ox in 0..d.wo {
+                    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(dp.add(ox * c + cb)));
+                }
+                let a = ap.add(taps * c + cb);
+                _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), s0));
+            }
+        }
+    }
+}
+
+/// Output rows per task: whole images when there are enough of them for every thread, else
+/// images split into row blocks.
+fn rows_per_task(b: usize, ho: usize) -> usize {
+    let split = (2 * rayon::current_num_threads()).div_ceil(b.max(1)).max(1);
+    ho.div_ceil(split).max(1)
+}
+
+/// Copies the input rows that output rows `r0..r1` read into `pad`, zero-padded so that every
+/// tap lands inside it, and returns the geometry and sizes of the padded block (padding 0).
+fn pad_rows(g: Dw, d: Dims, x_img: &[f32], r0: usize, r1: usize, pad: &mut Vec<f32>) -> (Dw, Dims) {
+    let c = d.ci;
+    let wp = (d.wo - 1) * g.stride + g.kw;
+    let nrows = (r1 - r0 - 1) * g.stride + g.kh;
+    pad.clear();
+    pad.resize(nrows * wp * c, 0.0);
+    for lr in 0..nrows {
+        let Some(iy) = (r0 * g.stride + lr).checked_sub(g.padding).filter(|&iy| iy < d.h) else { continue };
+        // input column ix sits at padded column ix + padding
+        let n = d.w.min(wp.saturating_sub(g.padding));
+        pad[(lr * wp + g.padding) * c..][..n * c].copy_from_slice(&x_img[iy * d.w * c..][..n * c]);
+    }
+    (Dw { padding: 0, ..g }, Dims { h: nrows, w: wp, ho: r1 - r0, ..d })
+}
+
+/// Forward of output rows `r0..r1` of one image into `out` ((r1 - r0) * wo * co values).
+fn fwd_rows(
+    g: Dw,
+    d: Dims,
+    x_img: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+    pad: &mut Vec<f32>,
+) {
+    let row = d.wo * d.co;
+    #[cfg(target_arch = "x86_64")]
+    if avx::usable(&g, d.co) {
+        let (gp, dp) = pad_rows(g, d, x_img, r0, r1, pad);
+        for (oy, o) in out.chunks_exact_mut(row).enumerate() {
+            // SAFETY: `usable` checked the CPU; the padded block holds every row and column
+            // the taps of these output rows read.
+            unsafe { avx::fwd_row(gp, dp, pad, wt, bias, oy, o) };
+        }
+        return;
+    }
+    for (i, o) in out.chunks_exact_mut(row).enumerate() {
+        fwd_row(g, d, x_img, wt, bias, r0 + i, o);
+    }
+}
+
+/// Weight-gradient contribution of output rows `r0..r1` of one image.
+fn wgrad_rows(
+    g: Dw,
+    d: Dims,
+    x_img: &[f32],
+    dy_rows: &[f32],
+    r0: usize,
+    r1: usize,
+    with_bias: bool,
+    acc: &mut [f32],
+    pad: &mut Vec<f32>,
+) {
+    let row = d.wo * d.co;
+    #[cfg(target_arch = "x86_64")]
+    if avx::usable(&g, d.co) {
+        let (gp, dp) = pad_rows(g, d, x_img, r0, r1, pad);
+        let n = r1 - r0;
+        // SAFETY (all three): as in fwd_rows; each call matches its const kernel width.
+        match g.kw {
+            3 => unsafe { avx::wgrad_block::<3>(gp, dp, pad, dy_rows, n, with_bias, acc) },
+            5 => unsafe { avx::wgrad_block::<5>(gp, dp, pad, dy_rows, n, with_bias, acc) },
+            7 => unsafe { avx::wgrad_block::<7>(gp, dp, pad, dy_rows, n, with_bias, acc) },
+            _ => {
+                for (oy, dyr) in dy_rows.chunks_exact(row).enumerate() {
+                    unsafe { avx::bwd_weight_row(gp, dp, pad, dyr, oy, with_bias, acc) };
+                }
+            }
+        }
+        return;
+    }
+    for (i, dyr) in dy_rows.chunks_exact(row).enumerate() {
+        bwd_weight_row(g, d, x_img, dyr, r0 + i, with_bias, acc);
+    }
+}
+
+/// Runs `f(image, r0, r1, out_rows, scratch)` over row blocks of every image in parallel.
+fn par_row_blocks(d: Dims, out: &mut [f32], f: impl Fn(usize, usize, usize, &mut [f32], &mut Vec<f32>) + Sync) {
+    let per = rows_per_task(d.b, d.ho);
+    let row = d.wo * d.co;
+    out.par_chunks_mut(d.ho * row).enumerate().for_each(|(bi, img)| {
+        img.par_chunks_mut(per * row).enumerate().for_each_init(Vec::new, |pad, (k, o)| {
+            let r0 = k * per;
+            f(bi, r0, r0 + o.len() / row, o, pad)
+        })
+    });
+}
+
 /// The forward op; implements `CustomOp2` (x, w) and `CustomOp3` (x, w, bias).
 struct DwConv(Dw);
 
@@ -187,9 +518,9 @@ impl DwConv {
         let d = g.dims(xl.shape())?;
         let wt = taps_last(wt, d.co, g.kh * g.kw);
         let mut out = vec![0f32; d.b * d.ho * d.wo * d.co];
-        out.par_chunks_mut(d.wo * d.co).enumerate().for_each(|(row, o)| {
-            let (bi, oy) = (row / d.ho, row % d.ho);
-            fwd_row(g, d, &x[bi * d.h * d.w * d.ci..][..d.h * d.w * d.ci], &wt, bias, oy, o);
+        let img = d.h * d.w * d.ci;
+        par_row_blocks(d, &mut out, |bi, r0, r1, o, pad| {
+            fwd_rows(g, d, &x[bi * img..][..img], &wt, bias, r0, r1, o, pad)
         });
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.ho, d.wo, d.co))))
     }
@@ -274,6 +605,19 @@ impl CustomOp2 for DwInputGrad {
         let (dy, wt) = (f32_slice(s1, l1, "depthwise dx: dy")?, f32_slice(s2, l2, "depthwise dx: w")?);
         let wt = taps_last(wt, d.co, g.kh * g.kw);
         let mut dx = vec![0f32; d.b * d.h * d.w * d.ci];
+        if g.stride == 1 && g.mult == 1 && g.kh == g.kw && g.padding < g.kh {
+            // With stride 1 the input gradient is the forward conv of dy with the kernel
+            // flipped and padding k - 1 - p: a gather, and the fast forward kernel.
+            let taps = g.kh * g.kw;
+            let flipped: Vec<f32> = (0..taps).flat_map(|t| wt[(taps - 1 - t) * d.co..][..d.co].to_vec()).collect();
+            let gt = Dw { padding: g.kh - 1 - g.padding, ..g };
+            let dt = Dims { b: d.b, h: d.ho, w: d.wo, ci: d.co, co: d.co, ho: d.h, wo: d.w };
+            let img = d.ho * d.wo * d.co;
+            par_row_blocks(dt, &mut dx, |bi, r0, r1, o, pad| {
+                fwd_rows(gt, dt, &dy[bi * img..][..img], &flipped, None, r0, r1, o, pad)
+            });
+            return Ok((CpuStorage::F32(dx), self.x_shape.clone()));
+        }
         dx.par_chunks_mut(d.w * d.ci).enumerate().for_each(|(row, dx_row)| {
             let (bi, iy) = (row / d.h, row % d.h);
             bwd_input_row(g, d, &dy[bi * d.ho * d.wo * d.co..][..d.ho * d.wo * d.co], &wt, iy, dx_row);
@@ -298,11 +642,28 @@ impl CustomOp2 for DwWeightGrad {
         let d = g.dims(l2.shape())?;
         let (dy, x) = (f32_slice(s1, l1, "depthwise dw: dy")?, f32_slice(s2, l2, "depthwise dw: x")?);
         let len = g.kh * g.kw * d.co + if self.with_bias { d.co } else { 0 };
-        let acc = par_accumulate(d.b * d.ho, len, |row, acc| {
-            let (bi, oy) = (row / d.ho, row % d.ho);
-            let x_img = &x[bi * d.h * d.w * d.ci..][..d.h * d.w * d.ci];
-            bwd_weight_row(g, d, x_img, &dy[row * d.wo * d.co..][..d.wo * d.co], oy, self.with_bias, acc);
-        });
+        let (per, row, img) = (rows_per_task(d.b, d.ho), d.wo * d.co, d.h * d.w * d.ci);
+        let blocks = d.ho.div_ceil(per);
+        let acc = (0..d.b * blocks)
+            .into_par_iter()
+            .fold(
+                || (Vec::new(), vec![0f32; len]),
+                |(mut pad, mut acc), t| {
+                    let (bi, r0) = (t / blocks, (t % blocks) * per);
+                    let r1 = (r0 + per).min(d.ho);
+                    let dy_rows = &dy[(bi * d.ho + r0) * row..(bi * d.ho + r1) * row];
+                    wgrad_rows(g, d, &x[bi * img..][..img], dy_rows, r0, r1, self.with_bias, &mut acc, &mut pad);
+                    (pad, acc)
+                },
+            )
+            .map(|(_, acc)| acc)
+            .reduce(
+                || vec![0f32; len],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
         Ok((CpuStorage::F32(acc), Shape::from(len)))
     }
 }
@@ -408,6 +769,12 @@ mod tests {
             (2, 5, 5, 2, 3, 3, 1, 0, false),
             (1, 4, 4, 9, 1, 7, 1, 3, true),
             (1, 1, 1, 4, 1, 3, 1, 1, true),
+            // channels a multiple of 8: the AVX2 kernels (interior blocks, borders, tails)
+            (2, 9, 11, 8, 1, 7, 1, 3, true),
+            (1, 9, 9, 16, 1, 3, 2, 1, true),
+            (2, 6, 5, 8, 1, 5, 1, 2, false),
+            (1, 3, 3, 8, 1, 7, 1, 3, true),
+            (1, 7, 13, 24, 1, 3, 1, 0, true),
         ];
         for (i, &(b, h, w, c, m, k, s, p, with_bias)) in cases.iter().enumerate() {
             let mut inputs = vec![randn(&[b, h, w, c], i as u64), randn(&[c * m, 1, k, k], 50 + i as u64)];
