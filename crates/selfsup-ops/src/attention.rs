@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{f32_slice, mm, SyncPtr};
+use crate::cpu::{exp_shifted_sum, f32_slice, mm, SyncPtr};
 
 /// iRPE's contextual bias on keys: `ctx_scale * q_i . table[head or 0][:, buckets[i * lk + j]]`.
 #[derive(Debug, Clone)]
@@ -237,11 +237,7 @@ impl CustomOp3 for Attention {
                     logits(&d, &self.pos, self.scale, q, kv, p, gi, head, sc);
                     for (i, row) in sc.s.chunks_exact_mut(d.lk).enumerate() {
                         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        row.iter_mut().for_each(|v| {
-                            *v = (*v - m).exp();
-                            sum += *v;
-                        });
+                        let sum = exp_shifted_sum(row, m);
                         let inv = 1.0 / sum;
                         row.iter_mut().for_each(|v| *v *= inv);
                         lse[head * d.lq + i] = m + sum.ln();
@@ -380,7 +376,7 @@ impl Attention {
             logits(&d, &self.pos, self.scale, q, kv, p, gi, head, sc);
             let lse = &lse[(gi * d.h + head) * lq..][..lq];
             for (i, row) in sc.s.chunks_exact_mut(lk).enumerate() {
-                row.iter_mut().for_each(|v| *v = (*v - lse[i]).exp());
+                exp_shifted_sum(row, lse[i]);
             }
             // dP (lq x lk) = dO (lq x d) . V^T (d x lk)
             // SAFETY (all GEMMs below): every pointer addresses rows of window gi, head `head`

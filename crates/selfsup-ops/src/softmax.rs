@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{f32_slice, is_cpu_f32};
+use crate::cpu::{exp_shifted_sum, f32_slice, is_cpu_f32};
 
 /// Rows per rayon task, sized so short rows are not scheduled one at a time.
 fn rows_per_task(n: usize) -> usize {
@@ -32,12 +32,8 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(per).zip(x.par_chunks(per)).for_each(|(o, x)| {
             for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
                 let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut s = 0f32;
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = (v - m).exp();
-                    s += *o;
-                }
-                let inv = 1.0 / s;
+                o.copy_from_slice(x);
+                let inv = 1.0 / exp_shifted_sum(o, m);
                 o.iter_mut().for_each(|v| *v *= inv);
             }
         });
