@@ -869,6 +869,38 @@ mod tests {
         );
     }
 
+    /// Random window counts, lengths (1 to 70), heads and head dims, with and without a bias
+    /// and a contextual table, fused and separate q/k/v.
+    #[test]
+    fn random_shapes_match_reference() {
+        let mut r = crate::rng::Rng::new(77);
+        for case in 0..16u64 {
+            let (g, h, d) = (1 + r.below(4), 1 + r.below(3), 1 + r.below(9));
+            let (lq, lk) = (1 + r.below(70), 1 + r.below(70));
+            let (with_bias, nb) = (r.below(2) == 0, 1 + r.below(6));
+            let buckets: Arc<Vec<u32>> = Arc::new((0..lq * lk).map(|_| r.below(nb) as u32).collect());
+            let with_ctx = r.below(2) == 0;
+            let mut inputs =
+                vec![randn(&[g, lq, h, d], case), randn(&[g, lk, h, d], 10 + case), randn(&[g, lk, h, d], 20 + case)];
+            inputs.push(randn(&[h, lq, lk], 30 + case));
+            inputs.push(randn(&[1, d, nb], 40 + case));
+            let pos = |t: &[Tensor]| PositionBias {
+                bias: with_bias.then(|| t[3].clone()),
+                window_mask: None,
+                ctx: with_ctx.then(|| ContextualBias { table: t[4].clone(), buckets: buckets.clone(), ctx_scale: 0.8 }),
+            };
+            let what = format!("case {case}: g {g} lq {lq} lk {lk} h {h} d {d} bias {with_bias} ctx {with_ctx}");
+            compare_with_reference(
+                &inputs,
+                |t| window_attention(&t[0], &t[1], &t[2], 0.4, &pos(t)),
+                |t| window_attention_reference(&t[0], &t[1], &t[2], 0.4, &pos(t)),
+                1e-4,
+                1e-4,
+                &what,
+            );
+        }
+    }
+
     #[test]
     fn cross_lengths_match_reference() {
         // CvT-style: 17 queries (cls + 4x4), 5 keys (cls + 2x2).

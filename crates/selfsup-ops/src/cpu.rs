@@ -163,10 +163,14 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    // n also sits in the low mantissa bits of t: integer ops only (a float-to-int `as` cast
+    // saturates, which the compiler partly scalarises).
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits());
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = p * f32::from_bits(ni.wrapping_add(127) << 23);
     // A select, not a branch: the loop still vectorises.
     if x < -87.0 {
         0.0

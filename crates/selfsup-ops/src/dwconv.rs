@@ -758,6 +758,38 @@ mod tests {
     use super::*;
     use crate::testing::{check_finite_differences, compare_with_reference, randn};
 
+    /// Random shapes, kernels, strides, paddings and multipliers: values always against candle;
+    /// gradients against candle where its backward works (no stride remainder), else against
+    /// finite differences.
+    #[test]
+    fn random_shapes_match_reference() {
+        let mut r = crate::rng::Rng::new(2024);
+        for case in 0..24 {
+            let k = [3, 5, 7][r.below(3)];
+            let (s, p) = (1 + r.below(2), r.below(k / 2 + 1));
+            let m = if r.below(4) == 0 { 2 } else { 1 };
+            let c = [1, 3, 8, 16, 5, 24][r.below(6)];
+            let (b, h, w) = (1 + r.below(2), 1 + r.below(12), 1 + r.below(12));
+            if h + 2 * p < k || w + 2 * p < k {
+                continue;
+            }
+            let bias = r.below(2) == 0;
+            let mut inputs = vec![randn(&[b, h, w, c], case), randn(&[c * m, 1, k, k], 100 + case)];
+            if bias {
+                inputs.push(randn(&[c * m], 200 + case));
+            }
+            let what = format!("case {case}: ({b}, {h}, {w}, {c}) k{k} s{s} p{p} m{m} bias {bias}");
+            let f = |t: &[Tensor]| depthwise_conv2d_nhwc(&t[0], &t[1], t.get(2), s, p);
+            let f_ref = |t: &[Tensor]| depthwise_conv2d_nhwc_reference(&t[0], &t[1], t.get(2), s, p);
+            if (h + 2 * p - k).is_multiple_of(s) && (w + 2 * p - k).is_multiple_of(s) {
+                compare_with_reference(&inputs, f, f_ref, 1e-4, 1e-4, &what);
+            } else {
+                crate::testing::assert_close(&f(&inputs).unwrap(), &f_ref(&inputs).unwrap(), 1e-4, 1e-4, &what);
+                check_finite_differences(&inputs, f, 1e-2, 2e-2, 7, &what);
+            }
+        }
+    }
+
     #[test]
     fn matches_reference_values_and_grads() {
         // (b, h, w, c, mult, k, stride, pad, bias)
