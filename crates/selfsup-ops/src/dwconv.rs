@@ -423,13 +423,20 @@ fn pad_rows(g: Dw, d: Dims, x_img: &[f32], r0: usize, r1: usize, pad: &mut Vec<f
     let c = d.ci;
     let wp = (d.wo - 1) * g.stride + g.kw;
     let nrows = (r1 - r0 - 1) * g.stride + g.kh;
-    pad.clear();
+    // Every element is written below (zeros or input), so a reused buffer is not cleared first.
     pad.resize(nrows * wp * c, 0.0);
+    let n = d.w.min(wp.saturating_sub(g.padding));
     for lr in 0..nrows {
-        let Some(iy) = (r0 * g.stride + lr).checked_sub(g.padding).filter(|&iy| iy < d.h) else { continue };
-        // input column ix sits at padded column ix + padding
-        let n = d.w.min(wp.saturating_sub(g.padding));
-        pad[(lr * wp + g.padding) * c..][..n * c].copy_from_slice(&x_img[iy * d.w * c..][..n * c]);
+        let row = &mut pad[lr * wp * c..(lr + 1) * wp * c];
+        let Some(iy) = (r0 * g.stride + lr).checked_sub(g.padding).filter(|&iy| iy < d.h) else {
+            row.fill(0.0);
+            continue;
+        };
+        // input column ix sits at padded column ix + padding (n = 0 when that is past the end)
+        let pl = g.padding.min(wp);
+        row[..pl * c].fill(0.0);
+        row[pl * c..(pl + n) * c].copy_from_slice(&x_img[iy * d.w * c..][..n * c]);
+        row[(pl + n) * c..].fill(0.0);
     }
     (Dw { padding: 0, ..g }, Dims { h: nrows, w: wp, ho: r1 - r0, ..d })
 }
