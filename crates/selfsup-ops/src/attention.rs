@@ -289,23 +289,10 @@ impl CustomOp3 for Attention {
             let (sp, lp) = pos.storage_and_layout();
             let (so, lo) = res.storage_and_layout();
             let (sg, lg) = grad.storage_and_layout();
-            let cpu = |s: &Storage, l: &Layout, what: &str| -> Result<Vec<f32>> {
-                match s {
-                    Storage::Cpu(c) => Ok(f32_slice(c, l, what)?.to_vec()),
-                    _ => candle_core::bail!("window_attention backward: {what} is not on the CPU"),
-                }
-            };
-            // The sources stay borrowed (no copy) through the backward below.
-            let q = match &*sq {
-                Storage::Cpu(c) => f32_slice(c, lq_, "q")?,
-                _ => candle_core::bail!("window_attention backward: q is not on the CPU"),
-            };
-            let kv = match &*skv {
-                Storage::Cpu(c) => f32_slice(c, lkv, "kv")?,
-                _ => candle_core::bail!("window_attention backward: kv is not on the CPU"),
-            };
-            let (p, o, g) = (cpu(&sp, lp, "pos")?, cpu(&so, lo, "output")?, cpu(&sg, lg, "grad")?);
-            self.backward(q, kv, &p, &o, &g, &lse)
+            // Everything stays borrowed (no copies) through the backward below.
+            let (q, kv) = (cpu_f32(&sq, lq_, "q")?, cpu_f32(&skv, lkv, "kv")?);
+            let (p, o, g) = (cpu_f32(&sp, lp, "pos")?, cpu_f32(&so, lo, "output")?, cpu_f32(&sg, lg, "grad")?);
+            self.backward(q, kv, p, o, g, &lse)
         };
         let dev = q_src.device();
         let dpos = Tensor::from_vec(dpos, pos.shape(), dev)?;
@@ -505,6 +492,14 @@ impl Attention {
                 }
             }
         }
+    }
+}
+
+/// The f32 data of a CPU storage (the backward reads its inputs where they are).
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("window_attention backward: {what} is not on the CPU"),
     }
 }
 
