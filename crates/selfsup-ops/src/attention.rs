@@ -332,13 +332,7 @@ impl Attention {
                 },
             )
             .map(|(_, dpos)| dpos)
-            .reduce(
-                || vec![0f32; plen],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; plen], crate::cpu::sum_vecs);
         (dq, dkv, dpos)
     }
 

@@ -314,13 +314,7 @@ impl CustomOp2 for ConvWeightGrad {
                 },
             )
             .map(|(_, acc)| acc)
-            .reduce(
-                || vec![0f32; d.co * k],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; d.co * k], crate::cpu::sum_vecs);
         Ok((CpuStorage::F32(weight_from_rows(&acc, &d)), self.w_shape.clone()))
     }
 }

@@ -108,14 +108,87 @@ pub(crate) fn par_accumulate(n: usize, len: usize, f: impl Fn(usize, &mut [f32])
             }
             acc
         })
-        .reduce(
-            || vec![0f32; len],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+        .reduce(|| vec![0f32; len], sum_vecs)
 }
+
+/// Adds `b` into `a`: the `reduce` step of every per-thread gradient accumulation.
+pub(crate) fn sum_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    a
+}
+
+/// Implements `CustomOp2` (x, w) and `CustomOp3` (x, w, bias) for a conv-like op type with
+/// `fn forward(&self, x: &[f32], x_layout: &Layout, w: &[f32], bias: Option<&[f32]>)` and
+/// `fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Vec<Tensor>`
+/// (gradients of x, w and, with a bias, the bias), so each op is written once for both forms.
+macro_rules! impl_optional_bias_op {
+    ($t:ty, $name:literal) => {
+        impl candle_core::CustomOp2 for $t {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                let x = $crate::cpu::f32_slice(s1, l1, concat!($name, " x"))?;
+                self.forward(x, l1, $crate::cpu::f32_slice(s2, l2, concat!($name, " w"))?, None)
+            }
+
+            fn bwd(
+                &self,
+                x: &candle_core::Tensor,
+                w: &candle_core::Tensor,
+                _res: &candle_core::Tensor,
+                grad: &candle_core::Tensor,
+            ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+                let mut g = self.backward(x, w, grad, false)?.into_iter();
+                Ok((g.next(), g.next()))
+            }
+        }
+
+        impl candle_core::CustomOp3 for $t {
+            fn name(&self) -> &'static str {
+                concat!($name, "-bias")
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CpuStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                let x = $crate::cpu::f32_slice(s1, l1, concat!($name, " x"))?;
+                let w = $crate::cpu::f32_slice(s2, l2, concat!($name, " w"))?;
+                self.forward(x, l1, w, Some($crate::cpu::f32_slice(s3, l3, concat!($name, " bias"))?))
+            }
+
+            fn bwd(
+                &self,
+                x: &candle_core::Tensor,
+                w: &candle_core::Tensor,
+                _b: &candle_core::Tensor,
+                _res: &candle_core::Tensor,
+                grad: &candle_core::Tensor,
+            ) -> candle_core::Result<(
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+            )> {
+                let mut g = self.backward(x, w, grad, true)?.into_iter();
+                Ok((g.next(), g.next(), g.next()))
+            }
+        }
+    };
+}
+pub(crate) use impl_optional_bias_op;
 
 /// `out[i] += x[i] * w[i]` over the common length; written to auto-vectorise.
 #[inline(always)]

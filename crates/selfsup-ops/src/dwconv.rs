@@ -14,7 +14,7 @@
 //! its output row, so no atomics), and the weight/bias gradient is a per-thread reduction.
 //! The reference is candle's grouped `conv2d` between permutes.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{f32_slice, fma_into, is_cpu_f32, multiversion};
@@ -549,51 +549,7 @@ impl DwConv {
     }
 }
 
-impl CustomOp2 for DwConv {
-    fn name(&self) -> &'static str {
-        "depthwise-conv2d-nhwc"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward(f32_slice(s1, l1, "depthwise_conv2d x")?, l1, f32_slice(s2, l2, "depthwise_conv2d w")?, None)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.backward(x, w, grad, false)?.into_iter();
-        Ok((g.next(), g.next()))
-    }
-}
-
-impl CustomOp3 for DwConv {
-    fn name(&self) -> &'static str {
-        "depthwise-conv2d-nhwc-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let bias = f32_slice(s3, l3, "depthwise_conv2d bias")?;
-        self.forward(f32_slice(s1, l1, "depthwise_conv2d x")?, l1, f32_slice(s2, l2, "depthwise_conv2d w")?, Some(bias))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.backward(x, w, grad, true)?.into_iter();
-        Ok((g.next(), g.next(), g.next()))
-    }
-}
+crate::cpu::impl_optional_bias_op!(DwConv, "depthwise-conv2d-nhwc");
 
 /// dy (b, ho, wo, co), w (co, 1, kh, kw) -> dx (b, h, w, ci).
 struct DwInputGrad {
@@ -664,13 +620,7 @@ impl CustomOp2 for DwWeightGrad {
                 },
             )
             .map(|(_, acc)| acc)
-            .reduce(
-                || vec![0f32; len],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; len], crate::cpu::sum_vecs);
         Ok((CpuStorage::F32(acc), Shape::from(len)))
     }
 }

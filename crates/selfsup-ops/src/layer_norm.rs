@@ -273,13 +273,7 @@ impl CustomOp3 for RowsBwd {
                     acc
                 },
             )
-            .reduce(
-                || vec![0f32; 2 * c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; 2 * c], crate::cpu::sum_vecs);
         tail.copy_from_slice(&params);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }

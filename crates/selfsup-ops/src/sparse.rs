@@ -24,7 +24,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{f32_slice, fma_into, multiversion, par_accumulate};
@@ -296,61 +296,7 @@ impl SparseDw {
     }
 }
 
-impl CustomOp2 for SparseDw {
-    fn name(&self) -> &'static str {
-        "sparse-depthwise-conv"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward(
-            f32_slice(s1, l1, "sparse_depthwise_conv x")?,
-            l1,
-            f32_slice(s2, l2, "sparse_depthwise_conv w")?,
-            None,
-        )
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.backward(x, w, grad, false)?.into_iter();
-        Ok((g.next(), g.next()))
-    }
-}
-
-impl CustomOp3 for SparseDw {
-    fn name(&self) -> &'static str {
-        "sparse-depthwise-conv-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let b = f32_slice(s3, l3, "sparse_depthwise_conv bias")?;
-        self.forward(
-            f32_slice(s1, l1, "sparse_depthwise_conv x")?,
-            l1,
-            f32_slice(s2, l2, "sparse_depthwise_conv w")?,
-            Some(b),
-        )
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.backward(x, w, grad, true)?.into_iter();
-        Ok((g.next(), g.next(), g.next()))
-    }
-}
+crate::cpu::impl_optional_bias_op!(SparseDw, "sparse-depthwise-conv");
 
 /// dy (n, c), w (c, 1, k, k) -> dx (n, c).
 struct SparseDwInputGrad(Neighbours);
