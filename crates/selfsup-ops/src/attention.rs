@@ -891,6 +891,17 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_takes_the_reference_path() {
+        let qkv = randn(&[2, 9, 3, 2, 8], 3);
+        let want = window_attention_qkv(&qkv, 0.35, &PositionBias::default()).unwrap();
+        for dt in [DType::BF16, DType::F16] {
+            let got = window_attention_qkv(&qkv.to_dtype(dt).unwrap(), 0.35, &PositionBias::default()).unwrap();
+            assert_eq!(got.dtype(), dt);
+            crate::testing::assert_close(&got, &want, 0.05, 0.02, &format!("{dt:?}"));
+        }
+    }
+
+    #[test]
     fn cross_lengths_match_reference() {
         // CvT-style: 17 queries (cls + 4x4), 5 keys (cls + 2x2).
         let inputs = [randn(&[2, 17, 2, 8], 1), randn(&[2, 5, 2, 8], 2), randn(&[2, 5, 2, 8], 3)];

@@ -591,6 +591,18 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_takes_the_gather_path() {
+        let map = random_map(2, 3, 3, 0.5, 2, 5);
+        let nb = map.neighbours(3).unwrap();
+        let (x, w) = (randn(&[map.len(), 4], 1), randn(&[4, 1, 3, 3], 2));
+        let want = sparse_depthwise_conv(&x, &nb, &w, None).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = sparse_depthwise_conv(&f(&x), &nb, &f(&w), None).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        crate::testing::assert_close(&got, &want, 0.1, 0.02, "bf16");
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         let map = random_map(1, 4, 4, 0.5, 1, 1);
         let nb = map.neighbours(3).unwrap();
