@@ -149,6 +149,7 @@ fn depthwise(bench: &mut Bench) {
     let cases = [
         ("dwconv7_atto_16px", 16, 40, 7, 1, 3, true),
         ("dwconv7_atto_56px", 56, 40, 7, 1, 3, false),
+        ("dwconv3_cvt_16px", 16, 64, 3, 1, 1, true),
         ("dwconv3_cvt_56px", 56, 64, 3, 1, 1, false),
         ("dwconv3_s2_cvt_56px", 56, 64, 3, 2, 1, false),
     ];

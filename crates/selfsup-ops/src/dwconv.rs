@@ -200,23 +200,12 @@ mod avx {
             && std::is_x86_feature_detected!("fma")
     }
 
-    /// The input rows (ky, iy) that output row `oy` reads.
-    fn rows(g: &Dw, d: &Dims, oy: usize) -> ([(usize, usize); 16], usize) {
-        let mut out = [(0, 0); 16];
-        let mut n = 0;
-        for ky in 0..g.kh {
-            if let Some(iy) = g.src(oy, ky, d.h) {
-                out[n] = (ky, iy);
-                n += 1;
-            }
-        }
-        (out, n)
-    }
-
-    /// One output row of the forward; see `super::fwd_row`.
+    /// One output row of the forward over a zero-padded block (`g.padding == 0` and every tap
+    /// of every output position inside `x`, as `super::pad_rows` makes it).
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA ([`usable`]); slices have the sizes `super::fwd_row` uses.
+    /// The CPU must have AVX2 and FMA ([`usable`]); `x` is the padded block (h, w, c) of
+    /// `d`, `wt` (taps, c), `bias` (c), `out` (wo, c).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn fwd_row(
         g: Dw,
@@ -227,47 +216,27 @@ mod avx {
         oy: usize,
         out: &mut [f32],
     ) {
-        // Every pointer offset below addresses a value inside x (h, w, c), wt (taps, c), bias
-        // (c) or out (wo, c): rows and columns come from `src` or the interior range, channels
-        // from cb + [0, 8) with c a multiple of 8.
+        debug_assert!(g.padding == 0 && (d.wo - 1) * g.stride + g.kw <= d.w && oy * g.stride + g.kh <= d.h);
+        // Every offset below stays inside its slice: rows oy * s + ky < h, columns
+        // ox * s + kx < w (the block is padded for that), channels cb + [0, 8) with c % 8 == 0.
         let c = d.co;
-        let (rows, nrows) = rows(&g, &d, oy);
-        let rows = &rows[..nrows];
-        // Output positions whose every horizontal tap lies inside the input.
-        let lo = g.padding.div_ceil(g.stride).min(d.wo);
-        let hi = if d.w + g.padding >= g.kw { ((d.w + g.padding - g.kw) / g.stride + 1).min(d.wo) } else { 0 }.max(lo);
         let (xp, wp, op) = (x.as_ptr(), wt.as_ptr(), out.as_mut_ptr());
-        let bias_at = |cb: usize| match bias {
-            Some(b) => _mm256_loadu_ps(b.as_ptr().add(cb)),
-            None => _mm256_setzero_ps(),
-        };
         // Positions outer, channel blocks inner: the input window of a few positions stays in
         // L1 while all its channel blocks are done (channel-outer order thrashed L1 at c >= 64).
-        // Borders, one position at a time, with bounds checks.
-        for ox in (0..lo).chain(hi..d.wo) {
-            for cb in (0..c).step_by(8) {
-                let mut acc = bias_at(cb);
-                for &(ky, iy) in rows {
-                    for kx in 0..g.kw {
-                        if let Some(ix) = g.src(ox, kx, d.w) {
-                            let w = _mm256_loadu_ps(wp.add((ky * g.kw + kx) * c + cb));
-                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add((iy * d.w + ix) * c + cb)), w, acc);
-                        }
-                    }
-                }
-                _mm256_storeu_ps(op.add(ox * c + cb), acc);
-            }
-        }
-        // Interior, eight positions at a time (eight accumulators and the weight stay in
-        // registers), then one at a time; no checks.
+        // Eight positions at a time (eight accumulators and the weight stay in registers), then
+        // one at a time.
         let s = g.stride * c;
-        let mut ox = lo;
-        while ox < hi {
-            let n = if hi - ox >= 8 { 8 } else { 1 };
+        let mut ox = 0;
+        while ox < d.wo {
+            let n = if d.wo - ox >= 8 { 8 } else { 1 };
             for cb in (0..c).step_by(8) {
-                let mut a = [bias_at(cb); 8];
-                for &(ky, iy) in rows {
-                    let base = xp.add((iy * d.w + ox * g.stride - g.padding) * c + cb);
+                let b0 = match bias {
+                    Some(b) => _mm256_loadu_ps(b.as_ptr().add(cb)),
+                    None => _mm256_setzero_ps(),
+                };
+                let mut a = [b0; 8];
+                for ky in 0..g.kh {
+                    let base = xp.add(((oy * g.stride + ky) * d.w + ox * g.stride) * c + cb);
                     for kx in 0..g.kw {
                         let w = _mm256_loadu_ps(wp.add((ky * g.kw + kx) * c + cb));
                         let p = base.add(kx * c);
@@ -336,75 +305,6 @@ mod avx {
                 }
                 let p = ap.add(taps * c + cb);
                 _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), s0));
-            }
-        }
-    }
-
-    /// One output row's contribution to the weight (and bias) gradient; see
-    /// `super::bwd_weight_row`.
-    ///
-    /// # Safety
-    /// As [`fwd_row`].
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bwd_weight_row(
-        g: Dw,
-        d: Dims,
-        x: &[f32],
-        dyrow: &[f32],
-        oy: usize,
-        with_bias: bool,
-        acc: &mut [f32],
-    ) {
-        // Offsets address x (h, w, c), dyrow (wo, c) and acc (taps + 1, c) inside their bounds
-        // (valid_range keeps ix inside the row).
-        let c = d.co;
-        let (rows, nrows) = rows(&g, &d, oy);
-        let (xp, dp, ap) = (x.as_ptr(), dyrow.as_ptr(), acc.as_mut_ptr());
-        for &(ky, iy) in &rows[..nrows] {
-            let xr = xp.add(iy * d.w * c);
-            for kx in 0..g.kw {
-                let (lo, hi) = g.valid_range(kx, d.w, d.wo);
-                for cb in (0..c).step_by(8) {
-                    let (mut s0, mut s1, mut s2, mut s3) =
-                        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-                    let mut ox = lo;
-                    macro_rules! xo {
-                        ($o:expr) => {
-                            _mm256_loadu_ps(xr.add((($o * g.stride + kx) - g.padding) * c + cb))
-                        };
-                    }
-                    macro_rules! yo {
-                        ($o:expr) => {
-                            _mm256_loadu_ps(dp.add($o * c + cb))
-                        };
-                    }
-                    while ox + 4 <= hi {
-                        s0 = _mm256_fmadd_ps(yo!(ox), xo!(ox), s0);
-                        s1 = _mm256_fmadd_ps(yo!(ox + 1), xo!(ox + 1), s1);
-                        s2 = _mm256_fmadd_ps(yo!(ox + 2), xo!(ox + 2), s2);
-                        s3 = _mm256_fmadd_ps(yo!(ox + 3), xo!(ox + 3), s3);
-                        ox += 4;
-                    }
-                    while ox < hi {
-                        let xv = _mm256_loadu_ps(xr.add(((ox * g.stride + kx) - g.padding) * c + cb));
-                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(dp.add(ox * c + cb)), xv, s0);
-                        ox += 1;
-                    }
-                    let sum = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-                    let a = ap.add((ky * g.kw + kx) * c + cb);
-                    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), sum));
-                }
-            }
-        }
-        if with_bias {
-            let taps = g.kh * g.kw;
-            for cb in (0..c).step_by(8) {
-                let mut s0 = _mm256_setzero_ps();
-                for ox in 0..d.wo {
-                    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(dp.add(ox * c + cb)));
-                }
-                let a = ap.add(taps * c + cb);
-                _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), s0));
             }
         }
     }
@@ -492,8 +392,8 @@ fn wgrad_rows(
             5 => unsafe { avx::wgrad_block::<5>(gp, dp, pad, dy_rows, n, with_bias, acc) },
             7 => unsafe { avx::wgrad_block::<7>(gp, dp, pad, dy_rows, n, with_bias, acc) },
             _ => {
-                for (oy, dyr) in dy_rows.chunks_exact(row).enumerate() {
-                    unsafe { avx::bwd_weight_row(gp, dp, pad, dyr, oy, with_bias, acc) };
+                for (i, dyr) in dy_rows.chunks_exact(row).enumerate() {
+                    bwd_weight_row(g, d, x_img, dyr, r0 + i, with_bias, acc);
                 }
             }
         }
