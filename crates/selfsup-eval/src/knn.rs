@@ -115,6 +115,73 @@ pub fn knn_classify(
         .collect())
 }
 
+/// Plain k-nearest-neighbour classification with Euclidean distance and uniform votes, as
+/// scikit-learn's `KNeighborsClassifier(n_neighbors=k)` (the standard raw-pixel baselines of
+/// Fashion-MNIST). Neighbours are ordered by (distance, bank index); a tied vote goes to the
+/// smallest class, as `scipy.stats.mode` does. Returns the top-1 accuracy (percent) per `k`.
+pub fn knn_euclidean(
+    bank: &Tensor,
+    bank_labels: &[u32],
+    queries: &Tensor,
+    query_labels: &[u32],
+    num_classes: usize,
+    ks: &[usize],
+) -> Result<Vec<(usize, f64)>> {
+    let (n, d) = bank.dims2()?;
+    let (m, dq) = queries.dims2()?;
+    if d != dq || n != bank_labels.len() || m != query_labels.len() || n == 0 || m == 0 || ks.is_empty() {
+        candle_core::bail!(
+            "knn_euclidean: bank {:?} with {} labels, queries {:?} with {} labels, ks {ks:?}",
+            bank.shape(),
+            bank_labels.len(),
+            queries.shape(),
+            query_labels.len()
+        )
+    }
+    if let Some(&bad) = bank_labels.iter().find(|&&l| l as usize >= num_classes) {
+        candle_core::bail!("knn_euclidean: bank label {bad} is not below num_classes = {num_classes}")
+    }
+    let k_max = ks.iter().copied().max().unwrap_or(1).clamp(1, n);
+    let bank = bank.to_dtype(candle_core::DType::F32)?;
+    let bank_sq: Vec<f32> = bank.sqr()?.sum(1)?.to_vec1()?;
+    let bank_t = bank.t()?;
+    let queries = queries.to_dtype(candle_core::DType::F32)?;
+    let mut hits = vec![0usize; ks.len()];
+    for start in (0..m).step_by(512) {
+        let len = 512.min(m - start);
+        // |q - b|^2 = |b|^2 - 2 q.b (+ |q|^2, the same for every b of a query)
+        let dots = queries.narrow(0, start, len)?.matmul(&bank_t)?.to_vec2::<f32>()?;
+        let rows: Vec<Vec<bool>> = dots
+            .par_iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let dist: Vec<f32> = row.iter().zip(&bank_sq).map(|(q, b)| b - 2.0 * q).collect();
+                let mut idx: Vec<u32> = (0..n as u32).collect();
+                let cmp = |a: &u32, b: &u32| dist[*a as usize].total_cmp(&dist[*b as usize]).then(a.cmp(b));
+                if k_max < n {
+                    idx.select_nth_unstable_by(k_max - 1, cmp);
+                    idx.truncate(k_max);
+                }
+                idx.sort_unstable_by(cmp);
+                let truth = query_labels[start + r];
+                ks.iter()
+                    .map(|&k| {
+                        let mut votes = vec![0usize; num_classes];
+                        idx.iter().take(k).for_each(|&j| votes[bank_labels[j as usize] as usize] += 1);
+                        // max_by_key keeps the last maximum; scan in reverse to keep the first.
+                        let best = (0..num_classes).rev().max_by_key(|&c| votes[c]).unwrap_or(0);
+                        best as u32 == truth
+                    })
+                    .collect()
+            })
+            .collect();
+        for row in rows {
+            hits.iter_mut().zip(row).for_each(|(h, ok)| *h += ok as usize);
+        }
+    }
+    Ok(ks.iter().zip(hits).map(|(&k, h)| (k, 100.0 * h as f64 / m as f64)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +239,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("label 5"));
+    }
+
+    #[test]
+    fn euclidean_knn_votes_and_breaks_ties_like_sklearn() {
+        // 1-d bank: class 0 at 0, 1, 2; class 1 at 10, 11; class 2 at 3.
+        let bank = Tensor::new(&[[0f32], [1.0], [2.0], [10.0], [11.0], [3.0]], &Device::Cpu).unwrap();
+        let labels = [0, 0, 0, 1, 1, 2];
+        let q = Tensor::new(&[[2.6f32], [10.4], [6.4]], &Device::Cpu).unwrap();
+        // k = 1: 2.6 -> 3.0 (class 2); 10.4 -> 10 (1); 6.4 -> 3.0 (2): all right.
+        // k = 2: 2.6 -> {3.0, 2.0}, one vote for 2 and one for 0: the tie goes to class 0
+        // (wrong); 10.4 -> {10, 11} (right); 6.4 -> {3.0, 10}: 2 vs 1, tie to 1 (wrong).
+        let acc = knn_euclidean(&bank, &labels, &q, &[2, 1, 2], 3, &[1, 2]).unwrap();
+        assert_eq!(acc[0], (1, 100.0));
+        assert!((acc[1].1 - 100.0 / 3.0).abs() < 1e-9, "{acc:?}");
+        let e = knn_euclidean(&bank, &labels[..5], &q, &[0, 0, 0], 3, &[1]).unwrap_err().to_string();
+        assert!(e.contains("5 labels"), "{e}");
+    }
+
+    #[test]
+    fn euclidean_knn_separates_clean_clusters() {
+        let (bank, bl) = clusters(40, 4, 0.05, 1);
+        let (q, ql) = clusters(10, 4, 0.05, 2);
+        let acc = knn_euclidean(&bank, &bl, &q, &ql, 4, &[1, 5, 20]).unwrap();
+        assert!(acc.iter().all(|&(_, a)| a == 100.0), "{acc:?}");
     }
 }

@@ -1,9 +1,13 @@
 //! selfsup-eval: how selfsup measures features.
 //!
 //! - [`features`]: pooled backbone features over a dataset (eval mode, no gradients).
-//! - [`knn`]: weighted k-nearest-neighbour classification (cosine, temperature-weighted votes).
+//! - [`knn`]: weighted k-nearest-neighbour classification (cosine, temperature-weighted votes),
+//!   and plain Euclidean kNN (scikit-learn's) for the raw-pixel baselines.
+//! - [`segmentation`]: confusion matrix, per-class IoU and Dice, mIoU, pixel accuracy.
 
 pub mod features;
 pub mod knn;
+pub mod segmentation;
 
-pub use knn::{knn_classify, KnnAccuracy, KnnSetting};
+pub use knn::{knn_classify, knn_euclidean, KnnAccuracy, KnnSetting};
+pub use segmentation::{ConfusionMatrix, SegmentationMetrics};
