@@ -3,10 +3,11 @@
 //! ```text
 //! selfsup pretrain --config configs/byol_fmnist.toml [--resume RUN_DIR]
 //! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N]
+//! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care] [--baselines]
 //! selfsup info
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 // Tensors are large and short-lived: glibc returns them to the OS and page-faults them back
 // in on every step (a fifth of a training step, measured with perf); mimalloc keeps them.
@@ -15,10 +16,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use candle_core::Tensor;
 use clap::{Parser, Subcommand};
+use selfsup_data::dataset::ImageSet;
 use selfsup_data::Split;
 use selfsup_eval::features::{extract, raw_pixels, EvalTransform};
-use selfsup_eval::{knn_classify, KnnAccuracy, KnnSetting};
+use selfsup_eval::{knn_classify, linear_probe, KnnAccuracy, KnnSetting, ProbeConfig};
 use selfsup_train::trainer::{load_backbone, load_split, random_backbone};
 use selfsup_train::{RunConfig, Trainer};
 
@@ -74,6 +77,37 @@ enum EvalCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Linear probe on frozen, cached features: training split to fit, test split to score.
+    Linear {
+        /// A run directory, its checkpoints/ directory, or a checkpoint file.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Recipe: `standard` (cosine, lr 0.1), `moco` (lr 30, steps at 60/80) or `care`
+        /// (Linear + BatchNorm1d head, lr 0.2, cosine).
+        #[arg(long, default_value = "standard")]
+        preset: String,
+        /// Override the preset's number of epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Use only the first N training images (default: all).
+        #[arg(long)]
+        train: Option<usize>,
+        /// Use only the first N test images (default: all).
+        #[arg(long)]
+        test: Option<usize>,
+        /// Also probe the same network at random init and the raw pixels.
+        #[arg(long)]
+        baselines: bool,
+        /// Evaluation image side in pixels (default: the size of the run's first view).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Feature-extraction batch size.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Write the results as JSON here (default: <run dir>/linear.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
@@ -96,6 +130,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, batch, json } } => {
             eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, batch, json })
         }
+        Command::Eval {
+            protocol: EvalCommand::Linear { checkpoint, preset, epochs, train, test, baselines, size, batch, json },
+        } => eval_linear(checkpoint, LinearArgs { preset, epochs, train, test, baselines, size, batch, json }),
         Command::Info => {
             println!(
                 "architectures: {}",
@@ -141,25 +178,40 @@ struct KnnArgs {
     json: Option<PathBuf>,
 }
 
-fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
-    let KnnArgs { bank, queries, baselines, size, batch, json } = args;
-    let device = candle_core::Device::Cpu;
-    let (cfg, backbone) = load_backbone(&checkpoint, &device)?;
+/// What every evaluation protocol starts from: the run, its labelled splits and the transform.
+struct EvalSetup {
+    cfg: RunConfig,
+    backbone: Box<dyn selfsup_models::Backbone>,
+    train: ImageSet,
+    test: ImageSet,
+    train_labels: Vec<u32>,
+    test_labels: Vec<u32>,
+    num_classes: usize,
+    transform: EvalTransform,
+}
+
+fn eval_setup(
+    checkpoint: &Path,
+    train_limit: Option<usize>,
+    test_limit: Option<usize>,
+    size: Option<usize>,
+) -> Result<EvalSetup> {
+    let (cfg, backbone) = load_backbone(checkpoint, &candle_core::Device::Cpu)?;
     let mut data = cfg.data.clone();
-    data.limit = bank;
-    let train = load_split(&data, Split::Train).context("loading the kNN bank (training split)")?;
-    let mut test = load_split(&cfg.data, Split::Test).context("loading the kNN queries (test split)")?;
-    if let Some(q) = queries {
+    data.limit = train_limit;
+    let train = load_split(&data, Split::Train).context("loading the training split")?;
+    let mut test = load_split(&cfg.data, Split::Test).context("loading the test split")?;
+    if let Some(q) = test_limit {
         test = test.take(q);
     }
-    let (bank_labels, query_labels) = (
-        train.labels.clone().context("the bank has no labels")?,
-        test.labels.clone().context("the queries have no labels")?,
+    let (train_labels, test_labels) = (
+        train.labels.clone().context("the training split has no labels")?,
+        test.labels.clone().context("the test split has no labels")?,
     );
     let num_classes = train.num_classes.max(test.num_classes);
     let unseen = test.num_classes.saturating_sub(train.num_classes);
     if unseen > 0 {
-        eprintln!("note: {unseen} query class(es) do not occur in the bank; they count as errors");
+        eprintln!("note: {unseen} test class(es) do not occur in the training split; they count as errors");
     }
     let view = &cfg.views[0];
     let size = size.unwrap_or(view.size);
@@ -167,31 +219,58 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
     if size == 0 || !size.is_multiple_of(stride) {
         anyhow::bail!("--size {size} is not a positive multiple of the model's stride {stride}")
     }
-    let t = EvalTransform { size, mean: view.mean.clone(), std: view.std.clone() };
-    let settings = KnnSetting::STANDARD;
-    let mut rows: Vec<(String, Vec<KnnAccuracy>, f64)> = Vec::new();
-    let mut eval = |name: &str, bank_f: candle_core::Tensor, query_f: candle_core::Tensor, secs: f64| -> Result<()> {
-        let acc = knn_classify(&bank_f, &bank_labels, &query_f, &query_labels, num_classes, &settings)?;
-        rows.push((name.to_string(), acc, secs));
-        Ok(())
-    };
+    let transform = EvalTransform { size, mean: view.mean.clone(), std: view.std.clone() };
+    Ok(EvalSetup { cfg, backbone, train, test, train_labels, test_labels, num_classes, transform })
+}
+
+/// (name, training features, test features, seconds) of the pretrained backbone and, with
+/// `baselines`, the same network at random init and the raw pixels.
+fn feature_sets(s: &EvalSetup, baselines: bool, batch: usize) -> Result<Vec<(String, Tensor, Tensor, f64)>> {
+    let device = candle_core::Device::Cpu;
+    let mut out = Vec::new();
     if baselines {
         let t0 = Instant::now();
-        let random = random_backbone(&cfg, &device)?;
-        let (b, q) = (
-            extract(random.as_ref(), &train, &t, batch, &device)?,
-            extract(random.as_ref(), &test, &t, batch, &device)?,
+        let random = random_backbone(&s.cfg, &device)?;
+        let (a, b) = (
+            extract(random.as_ref(), &s.train, &s.transform, batch, &device)?,
+            extract(random.as_ref(), &s.test, &s.transform, batch, &device)?,
         );
-        eval("random init", b, q, t0.elapsed().as_secs_f64())?;
+        out.push(("random init".to_string(), a, b, t0.elapsed().as_secs_f64()));
         let t0 = Instant::now();
-        eval("raw pixels", raw_pixels(&train)?, raw_pixels(&test)?, t0.elapsed().as_secs_f64())?;
+        out.push(("raw pixels".to_string(), raw_pixels(&s.train)?, raw_pixels(&s.test)?, t0.elapsed().as_secs_f64()));
     }
     let t0 = Instant::now();
-    let (b, q) = (
-        extract(backbone.as_ref(), &train, &t, batch, &device)?,
-        extract(backbone.as_ref(), &test, &t, batch, &device)?,
+    let (a, b) = (
+        extract(s.backbone.as_ref(), &s.train, &s.transform, batch, &device)?,
+        extract(s.backbone.as_ref(), &s.test, &s.transform, batch, &device)?,
     );
-    eval("pretrained", b, q, t0.elapsed().as_secs_f64())?;
+    out.push(("pretrained".to_string(), a, b, t0.elapsed().as_secs_f64()));
+    Ok(out)
+}
+
+/// Writes `value` as pretty JSON to `path`, creating its directory.
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
+    let KnnArgs { bank, queries, baselines, size, batch, json } = args;
+    let setup = eval_setup(&checkpoint, bank, queries, size)?;
+    let EvalSetup { cfg, train, test, .. } = &setup;
+    let size = setup.transform.size;
+    let settings = KnnSetting::STANDARD;
+    let mut rows: Vec<(String, Vec<KnnAccuracy>, f64)> = Vec::new();
+    for (name, bank_f, query_f, secs) in feature_sets(&setup, baselines, batch)? {
+        let acc =
+            knn_classify(&bank_f, &setup.train_labels, &query_f, &setup.test_labels, setup.num_classes, &settings)?;
+        rows.push((name, acc, secs));
+    }
 
     println!(
         "kNN on {} ({} bank images, {} queries; network input {size} px), top-1 %:",
@@ -207,16 +286,58 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
             acc.iter().zip(&header).map(|(a, h)| format!("{:>w$.2}", a.top1, w = h.len())).collect();
         println!("| {name:<11} | {} |", cells.join(" | "));
     }
-    let json_path = json.unwrap_or_else(|| cfg.output_dir.join("knn.json"));
     let value = serde_json::json!({
         "bank": train.n, "queries": test.n, "size": size,
         "results": rows.iter().map(|(n, a, s)| serde_json::json!({"features": n, "accuracy": a, "seconds": s})).collect::<Vec<_>>(),
     });
-    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_json(&json.unwrap_or_else(|| cfg.output_dir.join("knn.json")), &value)
+}
+
+struct LinearArgs {
+    preset: String,
+    epochs: Option<usize>,
+    train: Option<usize>,
+    test: Option<usize>,
+    baselines: bool,
+    size: Option<usize>,
+    batch: usize,
+    json: Option<PathBuf>,
+}
+
+fn eval_linear(checkpoint: PathBuf, args: LinearArgs) -> Result<()> {
+    let LinearArgs { preset, epochs, train, test, baselines, size, batch, json } = args;
+    let mut probe = match preset.as_str() {
+        "standard" => ProbeConfig::standard(),
+        "moco" => ProbeConfig::moco(),
+        "care" => ProbeConfig::care(),
+        other => anyhow::bail!("--preset {other:?}: expected standard, moco or care"),
+    };
+    if let Some(e) = epochs {
+        probe.epochs = e;
     }
-    std::fs::write(&json_path, serde_json::to_string_pretty(&value)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    println!("results written to {}", json_path.display());
-    Ok(())
+    let setup = eval_setup(&checkpoint, train, test, size)?;
+    let mut rows = Vec::new();
+    for (name, train_f, test_f, secs) in feature_sets(&setup, baselines, batch)? {
+        let t0 = Instant::now();
+        let r = linear_probe(&train_f, &setup.train_labels, &test_f, &setup.test_labels, setup.num_classes, &probe)?;
+        rows.push((name, r, secs + t0.elapsed().as_secs_f64()));
+    }
+    println!(
+        "linear probe ({preset}, {} epochs) on {} ({} training images, {} test images; input {} px), %:",
+        probe.epochs,
+        setup.cfg.data.path.display(),
+        setup.train.n,
+        setup.test.n,
+        setup.transform.size
+    );
+    println!("| features    | top-1 | top-5 | train top-1 |");
+    println!("|-------------|-------|-------|-------------|");
+    for (name, r, _) in &rows {
+        println!("| {name:<11} | {:>5.2} | {:>5.2} | {:>11.2} |", r.top1, r.top5, r.train_top1);
+    }
+    let value = serde_json::json!({
+        "preset": preset, "probe": probe, "train": setup.train.n, "test": setup.test.n, "size": setup.transform.size,
+        "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
+    });
+    write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("linear.json")), &value)
 }

@@ -108,6 +108,23 @@ fn pretrain_resume_and_knn_end_to_end() {
     assert_eq!(json["results"].as_array().unwrap().len(), 3);
     // The stripes are easy: raw pixels separate them well above chance (25 %).
     assert!(json["results"][1]["accuracy"][0]["top1"].as_f64().unwrap() > 50.0, "{json}");
+
+    for preset in ["standard", "care"] {
+        let args = ["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--baselines", "--epochs", "5"];
+        let o = selfsup(&[&args[..], &["--preset", preset]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let table = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            table.contains(&format!("linear probe ({preset}, 5 epochs)")) && table.contains("raw pixels"),
+            "{table}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("linear.json")).unwrap()).unwrap();
+        assert_eq!(json["results"].as_array().unwrap().len(), 3);
+        assert!(json["results"][1]["result"]["top1"].as_f64().unwrap() > 50.0, "{json}");
+    }
+    let o = selfsup(&["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--preset", "svm"]);
+    assert_fails_with(&o, &["--preset \"svm\"", "standard, moco or care"]);
 }
 
 #[test]
