@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask ci      fmt check, repository rules, clippy -D warnings, tests (release profile)
-//! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN table (the README's main job)
+//! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN and linear-probe tables (the README's main job)
 //! cargo xtask bench   criterion benches, PyTorch on the same op shapes, then a summary table
 //! ```
 
@@ -115,7 +115,8 @@ fn demo(args: &[String]) -> Result<()> {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     run(Command::new(&bin).args(["pretrain", "--config", config]))?;
-    run(Command::new(&bin).args(["eval", "knn", "--checkpoint"]).arg(&out).arg("--baselines"))
+    run(Command::new(&bin).args(["eval", "knn", "--checkpoint"]).arg(&out).arg("--baselines"))?;
+    run(Command::new(&bin).args(["eval", "linear", "--checkpoint"]).arg(&out).arg("--baselines"))
 }
 
 fn bench(args: &[String]) -> Result<()> {

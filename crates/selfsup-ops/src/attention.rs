@@ -322,17 +322,12 @@ impl Attention {
         let dq_ptr = SyncPtr(dq.as_mut_ptr());
         let dkv_ptr = if self.fused { dq_ptr } else { SyncPtr(dkv.as_mut_ptr()) };
         let plen = self.pos.len(&d);
-        let dpos = (0..d.g)
-            .into_par_iter()
-            .fold(
-                || (Scratch::new(&d, &self.pos), vec![0f32; plen]),
-                |(mut sc, mut dpos), gi| {
-                    self.backward_window(q, kv, p, o, g, lse, gi, &mut sc, &mut dpos, dq_ptr, dkv_ptr);
-                    (sc, dpos)
-                },
-            )
-            .map(|(_, dpos)| dpos)
-            .reduce(|| vec![0f32; plen], crate::cpu::sum_vecs);
+        let dpos = crate::cpu::par_accumulate_with(
+            d.g,
+            plen,
+            || Scratch::new(&d, &self.pos),
+            |gi, sc, dpos| self.backward_window(q, kv, p, o, g, lse, gi, sc, dpos, dq_ptr, dkv_ptr),
+        );
         (dq, dkv, dpos)
     }
 

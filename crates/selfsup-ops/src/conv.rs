@@ -283,38 +283,35 @@ impl CustomOp2 for ConvWeightGrad {
         let (dy, x) = (f32_slice(s1, l1, "conv2d dw: dy")?, f32_slice(s2, l2, "conv2d dw: x")?);
         let (k, blk, n) = (d.k(), d.block(), d.b * d.ho * d.wo);
         let blocks = n.div_ceil(blk);
-        let acc = (0..blocks)
-            .into_par_iter()
-            .fold(
-                || (vec![0f32; blk * k], vec![0f32; d.co * k]),
-                |(mut cols, mut acc), bi| {
-                    let (first, rows) = (bi * blk, blk.min(n - bi * blk));
-                    im2col_block(&d, x, first, rows, &mut cols);
-                    let dyb = &dy[first * d.co..][..rows * d.co];
-                    // acc (co x K) += dyb^T (co x rows) . cols (rows x K)
-                    // SAFETY: acc holds co * K values, dyb rows * co, cols rows * K.
-                    unsafe {
-                        mm(
-                            d.co,
-                            k,
-                            rows,
-                            acc.as_mut_ptr(),
-                            k as isize,
-                            true,
-                            dyb.as_ptr(),
-                            1,
-                            d.co as isize,
-                            cols.as_ptr(),
-                            k as isize,
-                            1,
-                            1.0,
-                        )
-                    };
-                    (cols, acc)
-                },
-            )
-            .map(|(_, acc)| acc)
-            .reduce(|| vec![0f32; d.co * k], crate::cpu::sum_vecs);
+        let acc = crate::cpu::par_accumulate_with(
+            blocks,
+            d.co * k,
+            || vec![0f32; blk * k],
+            |bi, cols, acc| {
+                let (first, rows) = (bi * blk, blk.min(n - bi * blk));
+                im2col_block(&d, x, first, rows, cols);
+                let dyb = &dy[first * d.co..][..rows * d.co];
+                // acc (co x K) += dyb^T (co x rows) . cols (rows x K)
+                // SAFETY: acc holds co * K values, dyb rows * co, cols rows * K.
+                unsafe {
+                    mm(
+                        d.co,
+                        k,
+                        rows,
+                        acc.as_mut_ptr(),
+                        k as isize,
+                        true,
+                        dyb.as_ptr(),
+                        1,
+                        d.co as isize,
+                        cols.as_ptr(),
+                        k as isize,
+                        1,
+                        1.0,
+                    )
+                };
+            },
+        );
         Ok((CpuStorage::F32(weight_from_rows(&acc, &d)), self.w_shape.clone()))
     }
 }

@@ -93,22 +93,38 @@ pub(crate) unsafe fn mm(
     }
 }
 
-/// Sums `len`-long accumulators produced over `n` items: each rayon task folds a block of items
-/// into its own buffer with `f(item, acc)`, and the buffers are added at the end. Used for
-/// weight and bias gradients, where every item (row, window, site) contributes to one buffer.
-pub(crate) fn par_accumulate(n: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let blocks = (rayon::current_num_threads() * 4).clamp(1, n.max(1));
-    let per = n.div_ceil(blocks);
-    (0..blocks)
+/// Item groups of every deterministic reduction: a fixed count, independent of the number of
+/// threads and of how rayon happens to split the work.
+pub(crate) const GROUPS: usize = 64;
+
+/// Sums `len`-long accumulators over `n` items, deterministically: the items are cut into
+/// [`GROUPS`] contiguous groups, each group folds its items in order into its own buffer (with
+/// its own `scratch`), and the group buffers are added in group order. Float sums then do not
+/// depend on thread scheduling, so a training run (and a resumed one) is bit for bit repeatable;
+/// rayon's `fold`/`reduce` combine in whatever order the work was stolen.
+pub(crate) fn par_accumulate_with<S>(
+    n: usize,
+    len: usize,
+    scratch: impl Fn() -> S + Sync,
+    f: impl Fn(usize, &mut S, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let per = n.div_ceil(GROUPS).max(1);
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(per))
         .into_par_iter()
-        .map(|bi| {
-            let mut acc = vec![0f32; len];
-            for i in bi * per..((bi + 1) * per).min(n) {
-                f(i, &mut acc);
+        .map(|g| {
+            let (mut acc, mut sc) = (vec![0f32; len], scratch());
+            for i in g * per..((g + 1) * per).min(n) {
+                f(i, &mut sc, &mut acc);
             }
             acc
         })
-        .reduce(|| vec![0f32; len], sum_vecs)
+        .collect();
+    parts.into_iter().fold(vec![0f32; len], sum_vecs)
+}
+
+/// [`par_accumulate_with`] without scratch.
+pub(crate) fn par_accumulate(n: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    par_accumulate_with(n, len, || (), |i, _, acc| f(i, acc))
 }
 
 /// Adds `b` into `a`: the `reduce` step of every per-thread gradient accumulation.

@@ -310,6 +310,9 @@ mod avx {
     }
 }
 
+/// Output rows per weight-gradient task.
+const WGRAD_ROWS: usize = 8;
+
 /// Output rows per task: whole images when there are enough of them for every thread, else
 /// images split into row blocks.
 fn rows_per_task(b: usize, ho: usize) -> usize {
@@ -505,22 +508,16 @@ impl CustomOp2 for DwWeightGrad {
         let d = g.dims(l2.shape())?;
         let (dy, x) = (f32_slice(s1, l1, "depthwise dw: dy")?, f32_slice(s2, l2, "depthwise dw: x")?);
         let len = g.kh * g.kw * d.co + if self.with_bias { d.co } else { 0 };
-        let (per, row, img) = (rows_per_task(d.b, d.ho), d.wo * d.co, d.h * d.w * d.ci);
+        // A fixed row-block size (not one derived from the thread count) and an ordered sum
+        // keep the gradient the same whatever the machine.
+        let (per, row, img) = (WGRAD_ROWS, d.wo * d.co, d.h * d.w * d.ci);
         let blocks = d.ho.div_ceil(per);
-        let acc = (0..d.b * blocks)
-            .into_par_iter()
-            .fold(
-                || (Vec::new(), vec![0f32; len]),
-                |(mut pad, mut acc), t| {
-                    let (bi, r0) = (t / blocks, (t % blocks) * per);
-                    let r1 = (r0 + per).min(d.ho);
-                    let dy_rows = &dy[(bi * d.ho + r0) * row..(bi * d.ho + r1) * row];
-                    wgrad_rows(g, d, &x[bi * img..][..img], dy_rows, r0, r1, self.with_bias, &mut acc, &mut pad);
-                    (pad, acc)
-                },
-            )
-            .map(|(_, acc)| acc)
-            .reduce(|| vec![0f32; len], crate::cpu::sum_vecs);
+        let acc = crate::cpu::par_accumulate_with(d.b * blocks, len, Vec::new, |t, pad, acc| {
+            let (bi, r0) = (t / blocks, (t % blocks) * per);
+            let r1 = (r0 + per).min(d.ho);
+            let dy_rows = &dy[(bi * d.ho + r0) * row..(bi * d.ho + r1) * row];
+            wgrad_rows(g, d, &x[bi * img..][..img], dy_rows, r0, r1, self.with_bias, acc, pad);
+        });
         Ok((CpuStorage::F32(acc), Shape::from(len)))
     }
 }

@@ -261,19 +261,19 @@ impl CustomOp3 for RowsBwd {
         let mut out = vec![0f32; n + 2 * c];
         let (dx, tail) = out.split_at_mut(n);
         let per = rows_per_task(Geom { groups: 0, c, inner: 1 }) * c;
-        let params = dx
+        // Fixed chunks and an ordered sum of their parameter gradients: deterministic.
+        let parts: Vec<Vec<f32>> = dx
             .par_chunks_mut(per)
             .zip(x.par_chunks(per))
             .zip(dy.par_chunks(per))
-            .fold(
-                || vec![0f32; 2 * c],
-                |mut acc, ((dx, x), dy)| {
-                    let (dw, db) = acc.split_at_mut(c);
-                    rows_bwd(x, w, dy, c, self.eps, dx, dw, db);
-                    acc
-                },
-            )
-            .reduce(|| vec![0f32; 2 * c], crate::cpu::sum_vecs);
+            .map(|((dx, x), dy)| {
+                let mut acc = vec![0f32; 2 * c];
+                let (dw, db) = acc.split_at_mut(c);
+                rows_bwd(x, w, dy, c, self.eps, dx, dw, db);
+                acc
+            })
+            .collect();
+        let params = parts.into_iter().fold(vec![0f32; 2 * c], crate::cpu::sum_vecs);
         tail.copy_from_slice(&params);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }

@@ -77,29 +77,25 @@ struct BnTrain {
 const ROWS: usize = 128;
 
 /// Per-channel sums (length `len`) over the `m` rows, block by block: `f(first_row, rows, acc)`
-/// adds a block's f32 partial sums into `acc`; blocks are spread over threads and their sums
-/// added in f64.
+/// adds a block's f32 partial sums into `acc`; blocks run on any thread, their sums are added
+/// in f64 in block order.
 fn channel_sums(m: usize, len: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f64> {
+    // Fixed blocks, partial sums collected in block order and added in that order: the result
+    // does not depend on thread scheduling (a resumed run must repeat bit for bit).
     let blocks = m.div_ceil(ROWS);
-    (0..blocks)
+    let parts: Vec<Vec<f32>> = (0..blocks)
         .into_par_iter()
-        .fold(
-            || (vec![0f32; len], vec![0f64; len]),
-            |(mut part, mut acc), bi| {
-                part.fill(0.0);
-                f(bi * ROWS, ROWS.min(m - bi * ROWS), &mut part);
-                acc.iter_mut().zip(&part).for_each(|(a, p)| *a += *p as f64);
-                (part, acc)
-            },
-        )
-        .map(|(_, acc)| acc)
-        .reduce(
-            || vec![0f64; len],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+        .map(|bi| {
+            let mut part = vec![0f32; len];
+            f(bi * ROWS, ROWS.min(m - bi * ROWS), &mut part);
+            part
+        })
+        .collect();
+    let mut acc = vec![0f64; len];
+    for part in parts {
+        acc.iter_mut().zip(&part).for_each(|(a, p)| *a += *p as f64);
+    }
+    acc
 }
 
 multiversion! {

@@ -185,3 +185,54 @@ mod tests {
         assert!(msg.contains("b (no gradient)") && !msg.contains("a ("), "{msg}");
     }
 }
+
+#[cfg(test)]
+mod determinism {
+    use super::*;
+
+    /// Gradients of every op with a cross-thread reduction, computed in pools of 1, 2 and 5
+    /// threads, must be bit-identical (a resumed training run repeats exactly only if they are).
+    #[test]
+    fn reductions_do_not_depend_on_the_thread_count() {
+        let x = randn(&[3, 20, 18, 16], 1);
+        let run = || -> Vec<Vec<f32>> {
+            let vars: Vec<Var> = [
+                x.clone(),
+                randn(&[8, 16, 3, 3], 2),
+                randn(&[16, 1, 7, 7], 3),
+                randn(&[16], 4),
+                randn(&[16], 5),
+                randn(&[1, 10, 10], 6),
+            ]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+            let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let conv = crate::conv2d_nhwc(&t[0], &t[1], 1, 1).unwrap();
+            let dw = crate::dwconv::depthwise_conv2d_nhwc(&t[0], &t[2], Some(&t[3]), 1, 3).unwrap();
+            let (bn, _) = crate::norm::batch_norm_train(&dw, &t[3], &t[4], 1e-5, true).unwrap();
+            let ln = crate::layer_norm::layer_norm(&bn, &t[3], &t[4], 1e-6).unwrap();
+            let qkv = ln
+                .reshape((3 * 20 * 18 / 10, 10, 16))
+                .unwrap()
+                .narrow(2, 0, 12)
+                .unwrap()
+                .reshape((108, 10, 3, 1, 4))
+                .unwrap();
+            let attn = crate::attention::window_attention_qkv(
+                &qkv,
+                0.5,
+                &crate::attention::PositionBias { bias: Some(t[5].clone()), ..Default::default() },
+            )
+            .unwrap();
+            let loss = (conv.sqr().unwrap().sum_all().unwrap() + attn.sqr().unwrap().sum_all().unwrap()).unwrap();
+            let g = loss.backward().unwrap();
+            vars.iter().map(|v| g.get(v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+        };
+        let pool = |n: usize| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+        let reference = pool(1).install(run);
+        for n in [2, 5] {
+            assert!(pool(n).install(run) == reference, "gradients differ with {n} threads");
+        }
+    }
+}

@@ -43,6 +43,30 @@ pub struct RunConfig {
     /// Log a JSON line every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// kNN on held-out labelled data during pretraining (solo-learn's online kNN), logged with
+    /// the training metrics. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_knn: Option<OnlineKnnConfig>,
+}
+
+/// Online kNN: every `every` steps (and at the end), the online backbone's pooled features of
+/// the first `bank` training images and the first `queries` test images, weighted cosine kNN
+/// at k = 20, T = 0.07 and k = 200, T = 0.1, evaluated at the first view's size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnlineKnnConfig {
+    pub every: usize,
+    #[serde(default = "default_knn_bank")]
+    pub bank: usize,
+    #[serde(default = "default_knn_queries")]
+    pub queries: usize,
+}
+
+fn default_knn_bank() -> usize {
+    10_000
+}
+fn default_knn_queries() -> usize {
+    2_000
 }
 
 /// Where the images come from.
@@ -157,6 +181,11 @@ impl RunConfig {
         if let Some(c) = self.schedule.clip_grad_norm {
             if !(c > 0.0 && c.is_finite()) {
                 bail!("schedule.clip_grad_norm must be positive, got {c}")
+            }
+        }
+        if let Some(k) = &self.online_knn {
+            if k.every == 0 || k.bank == 0 || k.queries == 0 {
+                bail!("online_knn.every, online_knn.bank and online_knn.queries must be positive")
             }
         }
         if self.data.limit == Some(0) {

@@ -61,6 +61,8 @@ pub struct Trainer {
     step: usize,
     last_checkpoint: Option<PathBuf>,
     quiet: bool,
+    /// (bank, queries) of the online kNN, loaded once when configured.
+    knn_sets: Option<(ImageSet, ImageSet)>,
 }
 
 impl Trainer {
@@ -98,6 +100,20 @@ impl Trainer {
         }
         let warmup_steps = ((cfg.schedule.warmup_epochs * per_epoch as f64).round() as usize).min(total_steps);
         let config_toml = cfg.to_toml()?;
+        let knn_sets = match &cfg.online_knn {
+            Some(k) => {
+                let mut data = cfg.data.clone();
+                data.limit = Some(k.bank);
+                let bank = load_split(&data, Split::Train).context("loading the online kNN bank")?;
+                let queries =
+                    load_split(&cfg.data, Split::Test).context("loading the online kNN queries")?.take(k.queries);
+                if bank.labels.is_none() || queries.labels.is_none() {
+                    bail!("online_knn needs labels in both splits of {}", cfg.data.path.display())
+                }
+                Some((bank, queries))
+            }
+            None => None,
+        };
         Ok(Self {
             cfg,
             config_toml,
@@ -111,6 +127,7 @@ impl Trainer {
             step: 0,
             last_checkpoint: None,
             quiet: false,
+            knn_sets,
         })
     }
 
@@ -181,6 +198,35 @@ impl Trainer {
         let path = checkpoint::save(&self.checkpoint_dir(), &manifest, &tensors, self.cfg.checkpoint.keep)?;
         self.last_checkpoint = Some(path.clone());
         Ok(path)
+    }
+
+    /// kNN of the online backbone's features on the held-out sets, as one metrics line. Runs in
+    /// evaluation mode and changes no state, so a resumed run stays exact.
+    fn online_knn(&self, epoch: usize) -> Result<serde_json::Value> {
+        let t0 = Instant::now();
+        let (bank, queries) = self.knn_sets.as_ref().context("online kNN sets not loaded")?;
+        let view = &self.cfg.views[0];
+        let t =
+            selfsup_eval::features::EvalTransform { size: view.size, mean: view.mean.clone(), std: view.std.clone() };
+        let backbone = self.objective.backbone();
+        let (b, q) = (
+            selfsup_eval::features::extract(backbone, bank, &t, 500, &self.device)?,
+            selfsup_eval::features::extract(backbone, queries, &t, 500, &self.device)?,
+        );
+        let labels = |s: &ImageSet| s.labels.clone().unwrap_or_default();
+        let classes = bank.num_classes.max(queries.num_classes);
+        let acc = selfsup_eval::knn_classify(
+            &b,
+            &labels(bank),
+            &q,
+            &labels(queries),
+            classes,
+            &selfsup_eval::KnnSetting::STANDARD,
+        )?;
+        Ok(serde_json::json!({
+            "step": self.step, "epoch": epoch, "knn_top1_k20": acc[0].top1, "knn_top1_k200": acc[1].top1,
+            "knn_seconds": t0.elapsed().as_secs_f64(),
+        }))
     }
 
     /// Keeps the metrics lines of steps before `self.step` (a resumed run rewrites the rest).
@@ -296,6 +342,15 @@ impl Trainer {
                 }
                 window = Instant::now();
                 window_steps = 0;
+            }
+            if let Some(k) = &self.cfg.online_knn {
+                if self.step.is_multiple_of(k.every) || self.step == stop {
+                    let line = self.online_knn(step / per_epoch)?;
+                    writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+                    if bar.is_none() && !self.quiet {
+                        eprintln!("step {}/{} online kNN {line}", self.step, self.total_steps);
+                    }
+                }
             }
             if self.step.is_multiple_of(self.cfg.checkpoint.every) || self.step == stop {
                 self.save(loss)?;
@@ -427,5 +482,33 @@ mod tests {
         assert_eq!(state(&resumed), state(&straight));
         let metrics = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
         assert_eq!(metrics.lines().count(), 8, "a resumed run rewrites the log lines after its checkpoint");
+    }
+
+    /// Online kNN writes its lines at the configured steps and at the end, and leaves the
+    /// training itself untouched (same losses and weights as without it).
+    #[test]
+    fn online_knn_is_logged_and_changes_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::synthetic_idx(data.path(), 64, 8, 4);
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut plain = Trainer::new(crate::testutil::tiny_config(&dir, a.path(), 5, 5)).unwrap().quiet();
+        let p = plain.run().unwrap();
+        let mut cfg = crate::testutil::tiny_config(&dir, b.path(), 5, 5);
+        cfg.online_knn = Some(crate::config::OnlineKnnConfig { every: 2, bank: 40, queries: 8 });
+        let mut with_knn = Trainer::new(cfg).unwrap().quiet();
+        let k = with_knn.run().unwrap();
+        assert_eq!(p.losses, k.losses);
+        assert_eq!(weights(&plain), weights(&with_knn));
+        let metrics = std::fs::read_to_string(b.path().join("metrics.jsonl")).unwrap();
+        let knn: Vec<serde_json::Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("knn_top1_k20").is_some())
+            .collect();
+        assert_eq!(knn.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4, 5]);
+        assert!(knn.iter().all(|v| (0.0..=100.0).contains(&v["knn_top1_k20"].as_f64().unwrap())));
+        let mut bad = crate::testutil::tiny_config(&dir, b.path(), 5, 5);
+        bad.online_knn = Some(crate::config::OnlineKnnConfig { every: 0, bank: 40, queries: 8 });
+        assert!(Trainer::new(bad).err().unwrap().to_string().contains("online_knn.every"));
     }
 }
