@@ -201,6 +201,29 @@ impl<'a> Vb<'a> {
 mod tests {
     use super::*;
 
+    /// A checkpoint that does not fit the model is an error that counts the mismatches and
+    /// names the first of them; nothing is loaded.
+    #[test]
+    fn mismatched_tensors_are_listed_and_nothing_loads() {
+        let dev = Device::Cpu;
+        let store = VarStore::new(1);
+        let vb = store.var_builder(DType::F32, &dev);
+        let init = Init::Const(0.0);
+        let a = vb.get_with_hints(4, "a.weight", init).unwrap();
+        vb.get_with_hints((2, 3), "b.weight", init).unwrap();
+        vb.get_with_hints(5, "c.bias", init).unwrap();
+        let mut tensors = HashMap::new();
+        tensors.insert("a.weight".to_string(), Tensor::ones(4, DType::F32, &dev).unwrap());
+        tensors.insert("b.weight".to_string(), Tensor::ones((3, 2), DType::F32, &dev).unwrap());
+        let e = store.load(&tensors).unwrap_err().to_string();
+        assert!(e.contains("2 tensor(s) do not match"), "{e}");
+        assert!(
+            e.contains("`b.weight` has shape [3, 2], the model expects [2, 3]") && e.contains("missing `c.bias`"),
+            "{e}"
+        );
+        assert_eq!(a.to_vec1::<f32>().unwrap(), vec![0.0; 4], "a partial load must not happen");
+    }
+
     #[test]
     fn init_is_a_function_of_seed_and_name() {
         let dev = Device::Cpu;

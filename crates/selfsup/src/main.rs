@@ -187,6 +187,8 @@ struct EvalSetup {
     train_labels: Vec<u32>,
     test_labels: Vec<u32>,
     num_classes: usize,
+    /// Test classes that never occur in the training split (they count as errors).
+    unseen: usize,
     transform: EvalTransform,
 }
 
@@ -220,7 +222,7 @@ fn eval_setup(
         anyhow::bail!("--size {size} is not a positive multiple of the model's stride {stride}")
     }
     let transform = EvalTransform { size, mean: view.mean.clone(), std: view.std.clone() };
-    Ok(EvalSetup { cfg, backbone, train, test, train_labels, test_labels, num_classes, transform })
+    Ok(EvalSetup { cfg, backbone, train, test, train_labels, test_labels, num_classes, unseen, transform })
 }
 
 /// (name, training features, test features, seconds) of the pretrained backbone and, with
@@ -287,7 +289,7 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
         println!("| {name:<11} | {} |", cells.join(" | "));
     }
     let value = serde_json::json!({
-        "bank": train.n, "queries": test.n, "size": size,
+        "bank": train.n, "queries": test.n, "size": size, "unseen_query_classes": setup.unseen,
         "results": rows.iter().map(|(n, a, s)| serde_json::json!({"features": n, "accuracy": a, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| cfg.output_dir.join("knn.json")), &value)
@@ -337,6 +339,7 @@ fn eval_linear(checkpoint: PathBuf, args: LinearArgs) -> Result<()> {
     }
     let value = serde_json::json!({
         "preset": preset, "probe": probe, "train": setup.train.n, "test": setup.test.n, "size": setup.transform.size,
+        "unseen_test_classes": setup.unseen,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("linear.json")), &value)

@@ -106,6 +106,7 @@ fn pretrain_resume_and_knn_end_to_end() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("knn.json")).unwrap()).unwrap();
     assert_eq!(json["results"].as_array().unwrap().len(), 3);
+    assert_eq!(json["unseen_query_classes"], 0);
     // The stripes are easy: raw pixels separate them well above chance (25 %).
     assert!(json["results"][1]["accuracy"][0]["top1"].as_f64().unwrap() > 50.0, "{json}");
 
