@@ -3,8 +3,6 @@
 //! Each bench group pairs a fast path with its reference (`fast` / `reference`) so the summary
 //! can print their ratio from the same run: the machines are noisy, ratios less so.
 
-use candle_core::{Device, Tensor};
-
 // The benches allocate like the `selfsup` binary: mimalloc, never purging freed memory (glibc
 // hands large tensors back to the OS and page-faults them in again on every iteration, which
 // would be timed as part of every memory-bound op).
@@ -19,10 +17,5 @@ pub fn init() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
-/// A deterministic normal tensor.
-pub fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let mut r = selfsup_ops::rng::Rng::new(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).expect("shape matches")
-}
+/// A deterministic normal tensor (the one every selfsup test uses).
+pub use selfsup_ops::testing::randn;

@@ -641,11 +641,9 @@ pub fn window_attention_reference(
         s = s.reshape((g / n, n, h, lq, lk))?.broadcast_add(&m.unsqueeze(1)?.unsqueeze(0)?)?.reshape((g, h, lq, lk))?;
     }
     if let Some(c) = &pos.ctx {
-        let nb = c.table.dim(2)?;
         let qr = (qh.broadcast_matmul(&c.table.unsqueeze(0)?)? * c.ctx_scale)?; // (g, h, lq, nb)
         let idx =
             Tensor::from_slice(&c.buckets, (1, 1, lq, lk), q.device())?.broadcast_as((g, h, lq, lk))?.contiguous()?;
-        let _ = nb;
         s = (s + qr.contiguous()?.gather(&idx, 3)?)?;
     }
     let p = candle_nn::ops::softmax(&s, D::Minus1)?;

@@ -364,17 +364,11 @@ pub fn conv2d_nhwc_reference(xs: &Tensor, weight: &Tensor, stride: usize, paddin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{max_abs_diff, randn as rand};
     use candle_core::{Device, Var};
 
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut r = crate::rng::Rng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        max_abs_diff(a, b).unwrap()
     }
 
     #[test]

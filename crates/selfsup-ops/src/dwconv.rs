@@ -10,9 +10,12 @@
 //! unchanged. With a channel multiplier `m`, output channel `o` reads input channel `o / m`
 //! (PyTorch's `groups = c_in`, `c_out = m * c_in`). Padding is zeros, dilation 1.
 //!
-//! The backward has two ops: the input gradient is a gather per input row (every task owns
-//! its output row, so no atomics), and the weight/bias gradient is a per-thread reduction.
-//! The reference is candle's grouped `conv2d` between permutes.
+//! The backward has two ops. The input gradient is, at stride 1, the forward conv of dy with
+//! the kernel flipped (a gather, on the fast forward kernel); at stride 2 a loop per input row
+//! (every task owns its row, so no atomics). The weight/bias gradient sums fixed 8-row blocks
+//! in a fixed order (deterministic). With multiplier 1 and channels a multiple of 8, the
+//! forward and the weight gradient run AVX2 kernels over zero-padded row blocks; everything
+//! else runs portable loops. The reference is candle's grouped `conv2d` between permutes.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
