@@ -5,11 +5,12 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use selfsup_benches::randn;
 use selfsup_models::{Arch, ModelConfig, Vars};
-use selfsup_objectives::{byol, Objective};
+use selfsup_objectives::{byol, Objective, Step};
 
 fn step(c: &mut Criterion) {
     selfsup_benches::init();
-    let model = ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![16, 32, 64, 128]) };
+    let model =
+        ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![16, 32, 64, 128]), drop_path_rate: 0.0 };
     let cfg = byol::Config { proj_hidden: 512, proj_dim: 128, base_momentum: 0.99 };
     let vars = Vars::new(0);
     let obj = byol::Byol::new(&cfg, &model, &vars, &Device::Cpu, 0).unwrap();
@@ -21,7 +22,7 @@ fn step(c: &mut Criterion) {
         let views = [randn(&[batch, 1, size, size], 1), randn(&[batch, 1, size, size], 2)];
         g.bench_function(format!("{size}px"), |b| {
             b.iter(|| {
-                let l = obj.loss(&views, 0.5).unwrap();
+                let l = obj.loss(&views, Step { progress: 0.5, key: 0 }).unwrap();
                 l.total.backward().unwrap()
             })
         });

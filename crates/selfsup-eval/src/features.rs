@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Result, Tensor};
 use selfsup_data::{loader::eval_batch, ImageSet};
-use selfsup_models::Backbone;
+use selfsup_models::{Backbone, Mode};
 
 /// How evaluation views are made: the whole image resized to `size`, then normalised.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +25,7 @@ pub fn extract(
         let end = (start + batch).min(set.n);
         let xs =
             eval_batch(set, start, end, t.size, &t.mean, &t.std).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let feats = backbone.forward_pooled(&xs.to_device(device)?, false)?.detach();
+        let feats = backbone.forward_pooled(&xs.to_device(device)?, Mode::Eval)?.detach();
         out.push(feats.to_device(&Device::Cpu)?);
     }
     Tensor::cat(&out, 0)

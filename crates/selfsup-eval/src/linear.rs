@@ -127,8 +127,9 @@ impl Head {
     }
 }
 
-/// Top-1 and top-5 accuracy (percent) of `logits` (n, C) against `labels`.
-fn accuracy(logits: &Tensor, labels: &[u32]) -> Result<(f64, f64)> {
+/// Top-1 and top-5 accuracy (percent) of `logits` (n, C) against `labels` (ties go to the
+/// lower class index).
+pub fn accuracy(logits: &Tensor, labels: &[u32]) -> Result<(f64, f64)> {
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let (mut t1, mut t5) = (0usize, 0usize);
     for (row, &y) in rows.iter().zip(labels) {

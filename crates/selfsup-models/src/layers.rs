@@ -108,3 +108,47 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<candle_nn
     };
     Ok(candle_nn::Linear::new(weight, bias))
 }
+
+/// Stochastic depth (timm `drop_path`, `scale_by_keep=True`): each sample's residual branch is
+/// zeroed with probability `p` and kept ones are scaled by `1 / (1 - p)`. xs: (b, ...).
+/// `key` and `layer` key the generator, so the drawn pattern is a pure function of them.
+pub fn drop_path(xs: &Tensor, p: f64, key: u64, layer: u64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(xs.clone());
+    }
+    if p >= 1.0 {
+        return xs.zeros_like();
+    }
+    let b = xs.dim(0)?;
+    let mut rng = selfsup_ops::rng::Rng::from_keys(&[key, 0xd409_9a7b, layer]);
+    let keep = 1.0 - p;
+    let scale: Vec<f32> = (0..b).map(|_| if rng.bernoulli(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let mut shape = vec![1usize; xs.rank()];
+    shape[0] = b;
+    let scale = Tensor::from_vec(scale, shape, xs.device())?.to_dtype(xs.dtype())?;
+    xs.broadcast_mul(&scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn drop_path_drops_whole_samples_and_keeps_the_expectation() {
+        let xs = Tensor::ones((4000, 3, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let ys = drop_path(&xs, 0.25, 7, 1).unwrap();
+        let rows = ys.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+        let mut kept = 0;
+        for r in &rows {
+            // A sample is dropped or kept as a whole.
+            assert!(r.iter().all(|&v| v == r[0]) && (r[0] == 0.0 || (r[0] - 4.0 / 3.0).abs() < 1e-6), "{r:?}");
+            kept += (r[0] != 0.0) as usize;
+        }
+        assert!((kept as f64 / 4000.0 - 0.75).abs() < 0.03, "{kept}");
+        // Pure function of (key, layer); another layer draws another pattern.
+        assert_eq!(ys.to_vec3::<f32>().unwrap(), drop_path(&xs, 0.25, 7, 1).unwrap().to_vec3::<f32>().unwrap());
+        assert_ne!(ys.to_vec3::<f32>().unwrap(), drop_path(&xs, 0.25, 7, 2).unwrap().to_vec3::<f32>().unwrap());
+        assert_eq!(drop_path(&xs, 0.0, 7, 1).unwrap().to_vec3::<f32>().unwrap(), xs.to_vec3::<f32>().unwrap());
+    }
+}

@@ -12,12 +12,30 @@ use serde::{Deserialize, Serialize};
 
 pub use store::{VarStore, Vars, Vb};
 
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Inference: BatchNorm uses its running statistics; stochastic layers are the identity.
+    Eval,
+    /// Training: BatchNorm normalises with batch statistics and updates its running ones;
+    /// stochastic layers (drop-path) draw from generators keyed by `key` and the layer, so a
+    /// training forward is a pure function of its input and `key` (the trainer derives `key`
+    /// from the seed and the step, so a resumed run draws what the uninterrupted one drew).
+    Train { key: u64 },
+}
+
+impl Mode {
+    pub fn is_train(self) -> bool {
+        matches!(self, Mode::Train { .. })
+    }
+}
+
 /// What evaluation and the generic objectives need from any backbone.
 pub trait Backbone: Send + Sync {
     /// xs: (b, c, h, w) -> final feature map (b, c', h', w').
-    fn forward_features(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
+    fn forward_features(&self, xs: &Tensor, mode: Mode) -> Result<Tensor>;
     /// xs: (b, c, h, w) -> globally pooled features (b, num_features).
-    fn forward_pooled(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
+    fn forward_pooled(&self, xs: &Tensor, mode: Mode) -> Result<Tensor>;
     fn num_features(&self) -> usize;
     /// Total downsampling; input sizes must be multiples of it.
     fn stride(&self) -> usize;
@@ -38,7 +56,7 @@ impl Arch {
 }
 
 /// The `[model]` table of a run config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -47,6 +65,14 @@ pub struct ModelConfig {
     /// Per-stage widths replacing the paper's (a narrow network of the same topology).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub widths: Option<Vec<usize>>,
+    /// Stochastic depth: the largest per-sample drop probability of a residual branch, reached
+    /// by the last block (timm's linear rule). 0 in pretraining unless a recipe says otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drop_path_rate: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 fn default_in_chans() -> usize {
@@ -60,10 +86,11 @@ impl ModelConfig {
             Arch::Resnet34 => resnet::Config::resnet34(self.in_chans),
             Arch::Resnet50 => resnet::Config::resnet50(self.in_chans),
         };
-        match &self.widths {
-            Some(w) => cfg.with_widths(w),
-            None => Ok(cfg),
-        }
+        let cfg = match &self.widths {
+            Some(w) => cfg.with_widths(w)?,
+            None => cfg,
+        };
+        cfg.with_drop_path_rate(self.drop_path_rate)
     }
 
     /// Total downsampling of the configured network.
@@ -89,11 +116,11 @@ mod tests {
     #[test]
     fn every_arch_trains_and_every_param_gets_a_gradient() {
         for &arch in Arch::ALL {
-            let cfg = ModelConfig { arch, in_chans: 1, widths: Some(vec![2, 4, 4, 4]) };
+            let cfg = ModelConfig { arch, in_chans: 1, widths: Some(vec![2, 4, 4, 4]), drop_path_rate: 0.1 };
             let vars = Vars::new(1);
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();
             let xs = Tensor::randn(0f32, 1., (2, 1, 8, 8), &Device::Cpu).unwrap();
-            let loss = m.forward_pooled(&xs, true).unwrap().sqr().unwrap().sum_all().unwrap();
+            let loss = m.forward_pooled(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().sum_all().unwrap();
             assert!(loss.to_scalar::<f32>().unwrap().is_finite(), "{arch:?}");
             let grads = loss.backward().unwrap();
             let params = vars.params.vars();

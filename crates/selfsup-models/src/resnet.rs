@@ -10,15 +10,18 @@
 //!   max-pool (the CIFAR variant used by solo-learn and lightly). The ImageNet stem needs an
 //!   overlapping max-pool with a backward, which candle lacks (CANDLE.md 1.3).
 //! - The classifier is not part of the backbone (timm's `num_classes=0`).
+//! - Stochastic depth as timm's `drop_path_rate`: block `i` of `n` (counted over all stages)
+//!   drops its residual branch per sample with probability `rate * i / (n - 1)`, after the
+//!   last BN and before the shortcut is added.
 //! - Init follows timm: Kaiming-normal fan-out convs, BN gamma 1, beta 0; the last BN of each
 //!   residual branch starts at gamma 1 (timm's `zero_init_last` is off by default).
 
 use candle_core::{Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{BatchNorm, Conv2d};
+use crate::layers::{drop_path, BatchNorm, Conv2d};
 use crate::store::Vb;
-use crate::Backbone;
+use crate::{Backbone, Mode};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,13 +50,16 @@ pub struct StageConfig {
     pub stride: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub block: BlockKind,
     pub stages: Vec<StageConfig>,
     pub in_chans: usize,
     /// Output channels of the stem conv.
     pub stem_width: usize,
+    /// Stochastic-depth rate of the last block (0 = off).
+    #[serde(default)]
+    pub drop_path_rate: f64,
 }
 
 impl Config {
@@ -61,7 +67,7 @@ impl Config {
         let widths = [64, 128, 256, 512];
         let strides = [1, 2, 2, 2];
         let stages = (0..4).map(|i| StageConfig { depth: depths[i], width: widths[i], stride: strides[i] }).collect();
-        Self { block, stages, in_chans, stem_width: 64 }
+        Self { block, stages, in_chans, stem_width: 64, drop_path_rate: 0.0 }
     }
 
     pub fn resnet18(in_chans: usize) -> Self {
@@ -89,6 +95,15 @@ impl Config {
         Ok(self)
     }
 
+    /// Sets the stochastic-depth rate; it must lie in [0, 1).
+    pub fn with_drop_path_rate(mut self, rate: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&rate) {
+            candle_core::bail!("resnet: drop_path_rate must lie in [0, 1), got {rate}")
+        }
+        self.drop_path_rate = rate;
+        Ok(self)
+    }
+
     /// Channels of the final feature map.
     pub fn num_features(&self) -> usize {
         self.stages.last().map_or(self.stem_width, |s| s.width * self.block.expansion())
@@ -110,10 +125,21 @@ struct Downsample {
 struct Block {
     convs: Vec<(Conv2d, BatchNorm)>,
     downsample: Option<Downsample>,
+    /// Index over the whole network (keys the drop-path draw) and drop probability.
+    index: usize,
+    drop_path: f64,
 }
 
 impl Block {
-    fn new(kind: BlockKind, c_in: usize, width: usize, stride: usize, vb: Vb) -> Result<Self> {
+    fn new(
+        kind: BlockKind,
+        c_in: usize,
+        width: usize,
+        stride: usize,
+        index: usize,
+        drop_path: f64,
+        vb: Vb,
+    ) -> Result<Self> {
         let c_out = width * kind.expansion();
         // (c_in, c_out, kernel, stride, padding) per conv, named conv1.. / bn1..
         let shapes = match kind {
@@ -137,11 +163,12 @@ impl Block {
         } else {
             None
         };
-        Ok(Self { convs, downsample })
+        Ok(Self { convs, downsample, index, drop_path })
     }
 
     /// xs: (b, h, w, c_in) -> (b, h/stride, w/stride, c_out)
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let train = mode.is_train();
         let shortcut = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(xs)?, train)?,
             None => xs.clone(),
@@ -151,6 +178,9 @@ impl Block {
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             let zs = conv.forward(&ys)?;
             ys = if i == last { bn.forward_t(&zs, train)? } else { bn.forward_relu_t(&zs, train)? };
+        }
+        if let Mode::Train { key } = mode {
+            ys = drop_path(&ys, self.drop_path, key, self.index as u64)?;
         }
         (ys + shortcut)?.relu()
     }
@@ -171,12 +201,16 @@ impl ResNet {
         let bn1 = BatchNorm::new(cfg.stem_width, vb.pp("bn1"))?;
         let mut c_in = cfg.stem_width;
         let mut layers = Vec::with_capacity(cfg.stages.len());
+        let total: usize = cfg.stages.iter().map(|s| s.depth).sum();
+        let mut index = 0;
         for (stage_idx, stage) in cfg.stages.iter().enumerate() {
             let vb = vb.pp(format!("layer{}", stage_idx + 1));
             let mut blocks = Vec::with_capacity(stage.depth);
             for j in 0..stage.depth {
                 let stride = if j == 0 { stage.stride } else { 1 };
-                blocks.push(Block::new(cfg.block, c_in, stage.width, stride, vb.pp(j))?);
+                let rate = cfg.drop_path_rate * index as f64 / (total.max(2) - 1) as f64;
+                blocks.push(Block::new(cfg.block, c_in, stage.width, stride, index, rate, vb.pp(j))?);
+                index += 1;
                 c_in = stage.width * cfg.block.expansion();
             }
             layers.push(blocks);
@@ -185,27 +219,27 @@ impl ResNet {
     }
 
     /// xs: (b, c, h, w) -> channels-last final map (b, h', w', c').
-    pub fn forward_nhwc(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward_nhwc(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         let (_, c, _, _) = xs.dims4()?;
         if c != self.cfg.in_chans {
             candle_core::bail!("resnet: input has {c} channels, the model expects {}", self.cfg.in_chans)
         }
         let xs = xs.permute((0, 2, 3, 1))?.contiguous()?;
-        let mut xs = self.bn1.forward_relu_t(&self.conv1.forward(&xs)?, train)?;
+        let mut xs = self.bn1.forward_relu_t(&self.conv1.forward(&xs)?, mode.is_train())?;
         for block in self.layers.iter().flatten() {
-            xs = block.forward_t(&xs, train)?;
+            xs = block.forward_t(&xs, mode)?;
         }
         Ok(xs)
     }
 }
 
 impl Backbone for ResNet {
-    fn forward_features(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_nhwc(xs, train)?.permute((0, 3, 1, 2))
+    fn forward_features(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_nhwc(xs, mode)?.permute((0, 3, 1, 2))
     }
 
-    fn forward_pooled(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let ys = self.forward_nhwc(xs, train)?;
+    fn forward_pooled(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let ys = self.forward_nhwc(xs, mode)?;
         let (b, h, w, c) = ys.dims4()?;
         ys.reshape((b, h * w, c))?.mean(1)
     }
@@ -265,11 +299,29 @@ mod tests {
         let cfg = Config::resnet50(1).with_widths(&[2, 4, 4, 8]).unwrap();
         let (m, _) = build(&cfg);
         let xs = Tensor::ones((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(m.forward_features(&xs, false).unwrap().dims(), [2, 32, 2, 2]);
-        assert_eq!(m.forward_pooled(&xs, true).unwrap().dims(), [2, 32]);
+        assert_eq!(m.forward_features(&xs, Mode::Eval).unwrap().dims(), [2, 32, 2, 2]);
+        assert_eq!(m.forward_pooled(&xs, Mode::Train { key: 0 }).unwrap().dims(), [2, 32]);
         assert_eq!(m.stride(), 8);
         let bad = Tensor::ones((2, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
-        assert!(m.forward_pooled(&bad, false).unwrap_err().to_string().contains("3 channels"));
+        assert!(m.forward_pooled(&bad, Mode::Eval).unwrap_err().to_string().contains("3 channels"));
         assert!(Config::resnet18(1).with_widths(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn drop_path_follows_timms_linear_rule_and_the_key() {
+        let cfg = Config::resnet18(1).with_widths(&[2, 4, 4, 4]).unwrap().with_drop_path_rate(0.3).unwrap();
+        let (m, _) = build(&cfg);
+        let rates: Vec<f64> = m.layers.iter().flatten().map(|b| b.drop_path).collect();
+        assert_eq!(rates.len(), 8);
+        assert!(rates[0] == 0.0 && (rates[7] - 0.3).abs() < 1e-12 && (rates[1] - 0.3 / 7.0).abs() < 1e-12);
+        let xs = Tensor::randn(0f32, 1., (8, 1, 8, 8), &Device::Cpu).unwrap();
+        // Evaluation never drops (checked before training forwards move the BN statistics).
+        let eval = |m: &ResNet| m.forward_pooled(&xs, Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        let (plain, _) = build(&cfg.clone().with_drop_path_rate(0.0).unwrap());
+        assert_eq!(eval(&m), eval(&plain));
+        let run = |key| m.forward_pooled(&xs, Mode::Train { key }).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+        assert!(cfg.with_drop_path_rate(1.0).is_err());
     }
 }

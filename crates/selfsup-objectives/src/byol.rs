@@ -14,10 +14,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use selfsup_models::layers::{linear, BatchNorm};
-use selfsup_models::{Backbone, ModelConfig, Vars, Vb};
+use selfsup_models::{Backbone, Mode, ModelConfig, Vars, Vb};
 use serde::{Deserialize, Serialize};
 
-use crate::{ema_momentum, l2_normalize, Losses, Objective};
+use crate::{ema_momentum, l2_normalize, Losses, Objective, Step};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,7 +108,7 @@ impl Byol {
         let predictor = Mlp::new(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, vb.pp("predictor"))?;
         let target_vars = Vars::new(seed);
         let tvb = target_vars.vb(DType::F32, device);
-        let target = model.build(tvb.pp("backbone"))?;
+        let target = ModelConfig { drop_path_rate: 0.0, ..model.clone() }.build(tvb.pp("backbone"))?;
         let target_projector = Mlp::new(d, cfg.proj_hidden, cfg.proj_dim, tvb.pp("projector"))?;
         for (name, var) in target_vars.params.vars().into_iter().chain(target_vars.buffers.vars()) {
             let src = online.params.get(&name).or_else(|| online.buffers.get(&name));
@@ -129,13 +129,15 @@ impl Byol {
         })
     }
 
-    fn forward_online(&self, xs: &Tensor) -> Result<Tensor> {
-        let z = self.projector.forward(&self.online.forward_pooled(xs, true)?)?;
+    fn forward_online(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let z = self.projector.forward(&self.online.forward_pooled(xs, mode)?)?;
         self.predictor.forward(&z)
     }
 
+    /// The target runs in training mode (batch statistics, as BYOL's) but never drops paths:
+    /// it is built with `drop_path_rate = 0`.
     fn forward_target(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.target_projector.forward(&self.target.forward_pooled(xs, true)?)?.detach())
+        Ok(self.target_projector.forward(&self.target.forward_pooled(xs, Mode::Train { key: 0 })?)?.detach())
     }
 }
 
@@ -150,9 +152,9 @@ impl Objective for Byol {
         2
     }
 
-    fn loss(&self, views: &[Tensor], _progress: f64) -> Result<Losses> {
+    fn loss(&self, views: &[Tensor], step: Step) -> Result<Losses> {
         let [v1, v2] = views else { candle_core::bail!("byol needs 2 views, got {}", views.len()) };
-        let (p1, p2) = (self.forward_online(v1)?, self.forward_online(v2)?);
+        let (p1, p2) = (self.forward_online(v1, step.mode(0))?, self.forward_online(v2, step.mode(1))?);
         let (z1, z2) = (self.forward_target(v1)?, self.forward_target(v2)?);
         let l12 = regression_loss(&p1, &z2)?;
         let l21 = regression_loss(&p2, &z1)?;
@@ -194,7 +196,8 @@ mod tests {
     use selfsup_models::Arch;
 
     fn tiny() -> (Byol, Vars) {
-        let model = ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![4, 8, 8, 8]) };
+        let model =
+            ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![4, 8, 8, 8]), drop_path_rate: 0.0 };
         let cfg = Config { proj_hidden: 16, proj_dim: 8, base_momentum: 0.9 };
         let online = Vars::new(3);
         (Byol::new(&cfg, &model, &online, &Device::Cpu, 3).unwrap(), online)
@@ -205,14 +208,14 @@ mod tests {
         let (byol, online) = tiny();
         let v1 = Tensor::randn(0f32, 1., (4, 1, 8, 8), &Device::Cpu).unwrap();
         let v2 = Tensor::randn(0f32, 1., (4, 1, 8, 8), &Device::Cpu).unwrap();
-        let l = byol.loss(&[v1, v2], 0.0).unwrap();
+        let l = byol.loss(&[v1, v2], Step { progress: 0.0, key: 0 }).unwrap();
         let total = l.total.to_scalar::<f32>().unwrap();
         assert!((0.0..=8.0).contains(&total), "{total}");
         let grads = l.total.backward().unwrap();
         for (name, var) in online.params.vars() {
             assert!(grads.get(var.as_tensor()).is_some(), "no gradient for {name}");
         }
-        assert!(byol.loss(std::slice::from_ref(&l.total), 0.0).is_err());
+        assert!(byol.loss(std::slice::from_ref(&l.total), Step { progress: 0.0, key: 0 }).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod byol;
 use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
-use selfsup_models::{Backbone, ModelConfig, Vars};
+use selfsup_models::{Backbone, Mode, ModelConfig, Vars};
 use serde::{Deserialize, Serialize};
 
 /// A loss and its named parts (for logging).
@@ -19,11 +19,29 @@ pub struct Losses {
     pub parts: Vec<(&'static str, Tensor)>,
 }
 
+/// Where a training step stands: what an objective's loss may depend on besides its views.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Step {
+    /// 0 at the first step, 1 after the last.
+    pub progress: f64,
+    /// The step's random key (a pure function of the run seed and the step number): masks
+    /// and drop-path draws derive from it, never from global state.
+    pub key: u64,
+}
+
+impl Step {
+    /// The training mode for forward pass number `salt` of this step (e.g. one per view), so
+    /// two forwards of one step draw independent drop-path patterns.
+    pub fn mode(&self, salt: u64) -> Mode {
+        Mode::Train { key: selfsup_ops::rng::Rng::from_keys(&[self.key, salt]).next_u64() }
+    }
+}
+
 pub trait Objective {
     /// Views consumed per image.
     fn num_views(&self) -> usize;
     /// views: `num_views` tensors (b, c, h, w) of the same images.
-    fn loss(&self, views: &[Tensor], progress: f64) -> Result<Losses>;
+    fn loss(&self, views: &[Tensor], step: Step) -> Result<Losses>;
     /// Updates the untrained state (EMA target, queue) after the optimizer step.
     fn after_step(&mut self, progress: f64) -> Result<()>;
     /// The backbone being pretrained (for evaluation during or after the run).

@@ -5,11 +5,14 @@
 //! - [`schedule`]: learning-rate and momentum schedules as pure functions of progress.
 //! - [`checkpoint`]: atomic safetensors checkpoints with a JSON manifest; keep-last-K.
 //! - [`trainer`]: the loop: views -> loss -> backward -> clip -> step -> EMA -> log.
+//! - [`finetune`]: end-to-end fine-tuning with layer-wise lr decay, label smoothing and
+//!   drop-path (an evaluation protocol, here because it trains).
 //!
 //! This is an edge crate: errors are `anyhow` with context naming the file, field or value.
 
 pub mod checkpoint;
 pub mod config;
+pub mod finetune;
 pub mod fsutil;
 pub mod optim;
 pub mod schedule;

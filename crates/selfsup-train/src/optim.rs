@@ -116,17 +116,26 @@ impl OptimizerConfig {
     }
 }
 
-/// A trainable tensor and whether it is a "decayed" (rank >= 2) parameter.
+/// A trainable tensor, whether it is a "decayed" (rank >= 2) parameter, and the factor its
+/// learning rate is multiplied by (layer-wise lr decay in fine-tuning; 1 otherwise). As in
+/// the references' param groups (`lr = base_lr * lr_scale`), the scaled rate also scales the
+/// decoupled weight decay of AdamW.
 pub struct Param {
     pub name: String,
     pub var: Var,
     pub decay: bool,
+    pub lr_scale: f64,
 }
 
 impl Param {
     pub fn new(name: String, var: Var) -> Self {
         let decay = var.rank() >= 2;
-        Self { name, var, decay }
+        Self { name, var, decay, lr_scale: 1.0 }
+    }
+
+    pub fn with_lr_scale(mut self, lr_scale: f64) -> Self {
+        self.lr_scale = lr_scale;
+        self
     }
 }
 
@@ -170,6 +179,7 @@ impl Optimizer {
         let t = self.steps as i32;
         for i in 0..self.params.len() {
             let p = &self.params[i];
+            let lr = lr * p.lr_scale;
             let mut g = self.grad(grads, p)?.clone();
             if grad_scale != 1.0 {
                 g = (g * grad_scale)?;
@@ -299,6 +309,18 @@ mod tests {
         // Nesterov: step 1 update = 1.5 + 0.9*1.5 = 2.85 -> w = 0.715
         // step 2: g'=1+0.3575=1.3575, buf=1.35+1.3575=2.7075, upd=1.3575+2.43675=3.79425 -> 0.335575
         close(&run(sgd(true), &[1.0], &[&[1.0], &[1.0]], true), &[0.335575]);
+    }
+
+    #[test]
+    fn lr_scale_scales_the_step_and_the_decoupled_decay() {
+        let dev = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::new(&[[1f32]], &dev).unwrap()).unwrap();
+        let cfg = OptimizerConfig::Adamw(AdamWConfig { lr: 0.1, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.1 });
+        let mut opt = Optimizer::new(cfg, vec![Param::new("w".into(), var.clone()).with_lr_scale(0.5)]).unwrap();
+        let store = (var.as_tensor() * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
+        opt.step(&store, 0.1, 1.0).unwrap();
+        // lr 0.05: w = 1 * (1 - 0.05 * 0.1) - 0.05 * 1 = 0.945.
+        close(&var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), &[0.945]);
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Objective for Never {
     fn num_views(&self) -> usize {
         unreachable!()
     }
-    fn loss(&self, _: &[Tensor], _: f64) -> candle_core::Result<Losses> {
+    fn loss(&self, _: &[Tensor], _: selfsup_objectives::Step) -> candle_core::Result<Losses> {
         unreachable!()
     }
     fn after_step(&mut self, _: f64) -> candle_core::Result<()> {

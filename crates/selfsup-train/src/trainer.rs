@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use selfsup_data::{dataset, ImageSet, Loader, Split};
 use selfsup_models::Vars;
-use selfsup_objectives::Objective;
+use selfsup_objectives::{Objective, Step};
+use selfsup_ops::rng::Rng;
 
 use crate::checkpoint::{self, Manifest};
 use crate::config::{parse_device, DataConfig, DataFormat, RunConfig};
@@ -285,7 +286,8 @@ impl Trainer {
                 views.with_context(|| format!("loading batch {} of epoch {}", step % per_epoch, step / per_epoch))?;
             let views = views.iter().map(|v| v.to_device(&self.device)).collect::<candle_core::Result<Vec<_>>>()?;
             let p = progress(step, self.total_steps);
-            let out = self.objective.loss(&views, p)?;
+            let key = Rng::from_keys(&[self.cfg.seed, step as u64, 0x57e9]).next_u64();
+            let out = self.objective.loss(&views, Step { progress: p, key })?;
             let loss = out.total.to_scalar::<f32>()? as f64;
             if !loss.is_finite() {
                 let last = match &self.last_checkpoint {
@@ -372,27 +374,50 @@ impl Trainer {
 
 /// The backbone of a checkpoint, ready for evaluation: its config and loaded weights.
 pub fn load_backbone(path: &Path, device: &Device) -> Result<(RunConfig, Box<dyn selfsup_models::Backbone>)> {
+    let (cfg, _, backbone) = load_backbone_vars(path, device, 0.0)?;
+    Ok((cfg, backbone))
+}
+
+/// The pretrained backbone of a checkpoint with its variables (named `backbone.*`), built
+/// with stochastic-depth rate `drop_path` (for fine-tuning).
+pub fn load_backbone_vars(
+    path: &Path,
+    device: &Device,
+    drop_path: f64,
+) -> Result<(RunConfig, Vars, Box<dyn selfsup_models::Backbone>)> {
     let (manifest, tensors) = checkpoint::load(path, device)?;
     let cfg = RunConfig::from_toml(&manifest.config).context("the config stored in the checkpoint")?;
     let vars = Vars::new(cfg.seed);
-    let backbone = cfg.model.build(vars.vb(candle_core::DType::F32, device).pp("backbone"))?;
+    let model = selfsup_models::ModelConfig { drop_path_rate: drop_path, ..cfg.model.clone() };
+    let backbone = model.build(vars.vb(candle_core::DType::F32, device).pp("backbone"))?;
     let model: HashMap<String, Tensor> = checkpoint::strip_prefix(&tensors, "model");
     let backbone_tensors = checkpoint::strip_prefix(&model, "backbone");
     let prefixed = backbone_tensors.into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect();
     vars.load(&prefixed).with_context(|| format!("checkpoint {} does not match its model config", path.display()))?;
-    Ok((cfg, backbone))
+    Ok((cfg, vars, backbone))
 }
 
 /// A randomly initialised backbone exactly as `cfg` would start training.
 pub fn random_backbone(cfg: &RunConfig, device: &Device) -> Result<Box<dyn selfsup_models::Backbone>> {
+    Ok(random_backbone_vars(cfg, device, 0.0)?.1)
+}
+
+/// [`random_backbone`] with its variables and stochastic-depth rate `drop_path`.
+pub fn random_backbone_vars(
+    cfg: &RunConfig,
+    device: &Device,
+    drop_path: f64,
+) -> Result<(Vars, Box<dyn selfsup_models::Backbone>)> {
     let vars = Vars::new(cfg.seed);
-    Ok(cfg.model.build(vars.vb(candle_core::DType::F32, device).pp("backbone"))?)
+    let model = selfsup_models::ModelConfig { drop_path_rate: drop_path, ..cfg.model.clone() };
+    let backbone = model.build(vars.vb(candle_core::DType::F32, device).pp("backbone"))?;
+    Ok((vars, backbone))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use selfsup_objectives::Losses;
+    use selfsup_objectives::{Losses, Step};
 
     /// Wraps an objective and returns a NaN loss from step `at` on.
     struct NanAt {
@@ -404,9 +429,9 @@ mod tests {
         fn num_views(&self) -> usize {
             self.inner.num_views()
         }
-        fn loss(&self, views: &[Tensor], progress: f64) -> candle_core::Result<Losses> {
-            let l = self.inner.loss(views, progress)?;
-            if progress >= self.at {
+        fn loss(&self, views: &[Tensor], step: Step) -> candle_core::Result<Losses> {
+            let l = self.inner.loss(views, step)?;
+            if step.progress >= self.at {
                 return Ok(Losses { total: (l.total * f64::NAN)?, parts: l.parts });
             }
             Ok(l)

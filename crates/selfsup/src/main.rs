@@ -4,6 +4,7 @@
 //! selfsup pretrain --config configs/byol_fmnist.toml [--resume RUN_DIR]
 //! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N]
 //! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care] [--baselines]
+//! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
 //! selfsup info
 //! ```
 
@@ -22,7 +23,8 @@ use selfsup_data::dataset::ImageSet;
 use selfsup_data::Split;
 use selfsup_eval::features::{extract, raw_pixels, EvalTransform};
 use selfsup_eval::{knn_classify, linear_probe, KnnAccuracy, KnnSetting, ProbeConfig};
-use selfsup_train::trainer::{load_backbone, load_split, random_backbone};
+use selfsup_train::finetune::{finetune, FinetuneConfig, LayerDecayRule};
+use selfsup_train::trainer::{load_backbone, load_backbone_vars, load_split, random_backbone, random_backbone_vars};
 use selfsup_train::{RunConfig, Trainer};
 
 #[derive(Parser)]
@@ -32,6 +34,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Pretrain a backbone from a TOML run config.
@@ -79,9 +83,8 @@ enum EvalCommand {
     },
     /// Linear probe on frozen, cached features: training split to fit, test split to score.
     Linear {
-        /// A run directory, its checkpoints/ directory, or a checkpoint file.
-        #[arg(long)]
-        checkpoint: PathBuf,
+        #[command(flatten)]
+        run: RunSubset,
         /// Recipe: `standard` (cosine, lr 0.1), `moco` (lr 30, steps at 60/80) or `care`
         /// (Linear + BatchNorm1d head, lr 0.2, cosine).
         #[arg(long, default_value = "standard")]
@@ -89,18 +92,9 @@ enum EvalCommand {
         /// Override the preset's number of epochs.
         #[arg(long)]
         epochs: Option<usize>,
-        /// Use only the first N training images (default: all).
-        #[arg(long)]
-        train: Option<usize>,
-        /// Use only the first N test images (default: all).
-        #[arg(long)]
-        test: Option<usize>,
         /// Also probe the same network at random init and the raw pixels.
         #[arg(long)]
         baselines: bool,
-        /// Evaluation image side in pixels (default: the size of the run's first view).
-        #[arg(long)]
-        size: Option<usize>,
         /// Feature-extraction batch size.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -108,6 +102,63 @@ enum EvalCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// End-to-end fine-tuning with a new linear head (AdamW, layer-wise lr decay, label
+    /// smoothing, drop-path): training split to fit, test split to score.
+    Finetune {
+        #[command(flatten)]
+        run: RunSubset,
+        /// Recipe: `fmnist` (small images on a CPU), or the references' ImageNet recipes
+        /// `convnextv2-atto`, `convnextv2-tiny`, `convnextv2-base`, `mae`, `lomar` (set the
+        /// scale with the flags below).
+        #[arg(long, default_value = "fmnist")]
+        preset: String,
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        warmup_epochs: Option<usize>,
+        /// Training batch size (the peak lr is blr x batch / 256).
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long)]
+        blr: Option<f64>,
+        #[arg(long)]
+        layer_decay: Option<f64>,
+        #[arg(long)]
+        weight_decay: Option<f64>,
+        #[arg(long)]
+        smoothing: Option<f64>,
+        #[arg(long)]
+        drop_path: Option<f64>,
+        /// Smallest RandomResizedCrop area fraction of the training view.
+        #[arg(long)]
+        min_crop: Option<f64>,
+        /// Also measure test accuracy every N epochs.
+        #[arg(long, default_value_t = 0)]
+        eval_every: usize,
+        /// Also fine-tune the same network from random init (the supervised baseline).
+        #[arg(long)]
+        baselines: bool,
+        /// Write the results as JSON here (default: <run dir>/finetune.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// The run to evaluate and how much of its labelled splits to use.
+#[derive(clap::Args)]
+struct RunSubset {
+    /// A run directory, its checkpoints/ directory, or a checkpoint file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Use only the first N training images (default: all).
+    #[arg(long)]
+    train: Option<usize>,
+    /// Use only the first N test images (default: all).
+    #[arg(long)]
+    test: Option<usize>,
+    /// Image side in pixels (default: the size of the run's first view).
+    #[arg(long)]
+    size: Option<usize>,
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
@@ -130,9 +181,43 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, batch, json } } => {
             eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, batch, json })
         }
+        Command::Eval { protocol: EvalCommand::Linear { run, preset, epochs, baselines, batch, json } } => {
+            eval_linear(run, LinearArgs { preset, epochs, baselines, batch, json })
+        }
         Command::Eval {
-            protocol: EvalCommand::Linear { checkpoint, preset, epochs, train, test, baselines, size, batch, json },
-        } => eval_linear(checkpoint, LinearArgs { preset, epochs, train, test, baselines, size, batch, json }),
+            protocol:
+                EvalCommand::Finetune {
+                    run,
+                    preset,
+                    epochs,
+                    warmup_epochs,
+                    batch,
+                    blr,
+                    layer_decay,
+                    weight_decay,
+                    smoothing,
+                    drop_path,
+                    min_crop,
+                    eval_every,
+                    baselines,
+                    json,
+                },
+        } => {
+            let mut cfg = FinetuneConfig::preset(&preset)?;
+            cfg.epochs = epochs.unwrap_or(cfg.epochs);
+            cfg.warmup_epochs = warmup_epochs.unwrap_or(cfg.warmup_epochs);
+            cfg.batch_size = batch.unwrap_or(cfg.batch_size);
+            cfg.blr = blr.unwrap_or(cfg.blr);
+            cfg.layer_decay = layer_decay.unwrap_or(cfg.layer_decay);
+            cfg.weight_decay = weight_decay.unwrap_or(cfg.weight_decay);
+            cfg.label_smoothing = smoothing.unwrap_or(cfg.label_smoothing);
+            cfg.drop_path = drop_path.unwrap_or(cfg.drop_path);
+            if let Some(m) = min_crop {
+                cfg.crop_scale[0] = m;
+            }
+            cfg.eval_every = eval_every;
+            eval_finetune(run, preset, cfg, baselines, json)
+        }
         Command::Info => {
             println!(
                 "architectures: {}",
@@ -298,16 +383,13 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
 struct LinearArgs {
     preset: String,
     epochs: Option<usize>,
-    train: Option<usize>,
-    test: Option<usize>,
     baselines: bool,
-    size: Option<usize>,
     batch: usize,
     json: Option<PathBuf>,
 }
 
-fn eval_linear(checkpoint: PathBuf, args: LinearArgs) -> Result<()> {
-    let LinearArgs { preset, epochs, train, test, baselines, size, batch, json } = args;
+fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
+    let LinearArgs { preset, epochs, baselines, batch, json } = args;
     let mut probe = match preset.as_str() {
         "standard" => ProbeConfig::standard(),
         "moco" => ProbeConfig::moco(),
@@ -317,7 +399,7 @@ fn eval_linear(checkpoint: PathBuf, args: LinearArgs) -> Result<()> {
     if let Some(e) = epochs {
         probe.epochs = e;
     }
-    let setup = eval_setup(&checkpoint, train, test, size)?;
+    let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
     let mut rows = Vec::new();
     for (name, train_f, test_f, secs) in feature_sets(&setup, baselines, batch)? {
         let t0 = Instant::now();
@@ -343,4 +425,74 @@ fn eval_linear(checkpoint: PathBuf, args: LinearArgs) -> Result<()> {
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("linear.json")), &value)
+}
+
+fn eval_finetune(
+    run: RunSubset,
+    preset: String,
+    cfg: FinetuneConfig,
+    baselines: bool,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    cfg.validate()?;
+    let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
+    let checkpoint = run.checkpoint;
+    let device = candle_core::Device::Cpu;
+    let rule = LayerDecayRule::for_model(&setup.cfg.model)?;
+    let train_set = std::sync::Arc::new(setup.train.clone());
+    let mut inits = vec!["pretrained"];
+    if baselines {
+        inits.insert(0, "random init");
+    }
+    let mut rows = Vec::new();
+    for init in inits {
+        let (vars, backbone) = if init == "pretrained" {
+            let (_, vars, backbone) = load_backbone_vars(&checkpoint, &device, cfg.drop_path)?;
+            (vars, backbone)
+        } else {
+            random_backbone_vars(&setup.cfg, &device, cfg.drop_path)?
+        };
+        eprintln!("fine-tuning from {init}: {} epochs of {} images", cfg.epochs, train_set.n);
+        let t0 = Instant::now();
+        let r = finetune(
+            backbone,
+            &vars,
+            &rule,
+            train_set.clone(),
+            &setup.test,
+            setup.num_classes,
+            &setup.transform,
+            &cfg,
+            &device,
+            |epoch, loss| eprintln!("  epoch {epoch}/{}: train loss {loss:.4}", cfg.epochs),
+        )
+        .with_context(|| format!("fine-tuning from {init}"))?;
+        rows.push((init, r, t0.elapsed().as_secs_f64()));
+    }
+    println!(
+        "fine-tuning ({preset}: {} epochs, batch {}, lr {:.2e}, layer decay {}, smoothing {}, drop-path {}) on {} \
+         ({} training images, {} test images; input {} px), %:",
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.peak_lr(),
+        cfg.layer_decay,
+        cfg.label_smoothing,
+        cfg.drop_path,
+        setup.cfg.data.path.display(),
+        setup.train.n,
+        setup.test.n,
+        setup.transform.size
+    );
+    println!("| init        | top-1 | top-5 | last train loss | images/s |");
+    println!("|-------------|-------|-------|-----------------|----------|");
+    for (init, r, _) in &rows {
+        let loss = r.epoch_loss.last().copied().unwrap_or(f64::NAN);
+        println!("| {init:<11} | {:>5.2} | {:>5.2} | {loss:>15.4} | {:>8.0} |", r.top1, r.top5, r.images_per_sec);
+    }
+    let value = serde_json::json!({
+        "preset": preset, "config": cfg, "train": setup.train.n, "test": setup.test.n, "size": setup.transform.size,
+        "unseen_test_classes": setup.unseen, "layer_decay_rule": rule,
+        "results": rows.iter().map(|(n, r, s)| serde_json::json!({"init": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
+    });
+    write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("finetune.json")), &value)
 }

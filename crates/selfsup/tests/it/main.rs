@@ -126,6 +126,34 @@ fn pretrain_resume_and_knn_end_to_end() {
     }
     let o = selfsup(&["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--preset", "svm"]);
     assert_fails_with(&o, &["--preset \"svm\"", "standard, moco or care"]);
+
+    let args = ["eval", "finetune", "--checkpoint", out.to_str().unwrap(), "--preset", "fmnist"];
+    let o = selfsup(
+        &[&args[..], &["--epochs", "4", "--batch", "16", "--blr", "0.2", "--baselines", "--eval-every", "2"]].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("fine-tuning (fmnist: 4 epochs, batch 16") && table.contains("random init"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("finetune.json")).unwrap()).unwrap();
+    assert_eq!(json["results"].as_array().unwrap().len(), 2);
+    assert_eq!(json["results"][1]["result"]["test_curve"].as_array().unwrap().len(), 2);
+    assert!(json["results"][1]["result"]["top1"].as_f64().unwrap() > 50.0, "{json}");
+    let o = selfsup(&[&args[..], &["--layer-decay", "0"]].concat());
+    assert_fails_with(&o, &["layer_decay must lie in (0, 1], got 0"]);
+
+    // A test class the bank never saw is reported and scored as an error, not a crash.
+    dataset::write_mnist_family(&data, Split::Test, &dataset::synthetic_stripes(40, 16, 5, 2)).unwrap();
+    let o = selfsup(&["eval", "knn", "--checkpoint", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("1 test class(es) do not occur in the training split"), "{}", stderr(&o));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("knn.json")).unwrap()).unwrap();
+    assert_eq!(json["unseen_query_classes"], 1);
+    // Class 4 is 8 of the 40 queries: at most 80 % can be right.
+    assert!(json["results"][0]["accuracy"][0]["top1"].as_f64().unwrap() <= 80.0, "{json}");
+    let o = selfsup(&["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--epochs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
