@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo xtask ci      fmt check, repository rules, clippy -D warnings, tests (release profile)
-//! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN and linear-probe tables (the README's main job)
+//! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN, linear-probe and fine-tuning tables, report (the README's main job)
 //! cargo xtask bench   criterion benches, PyTorch on the same op shapes, then a summary table
 //! ```
 
@@ -116,7 +116,13 @@ fn demo(args: &[String]) -> Result<()> {
     }
     run(Command::new(&bin).args(["pretrain", "--config", config]))?;
     run(Command::new(&bin).args(["eval", "knn", "--checkpoint"]).arg(&out).arg("--baselines"))?;
-    run(Command::new(&bin).args(["eval", "linear", "--checkpoint"]).arg(&out).arg("--baselines"))
+    run(Command::new(&bin).args(["eval", "linear", "--checkpoint"]).arg(&out).arg("--baselines"))?;
+    run(Command::new(&bin).args(["eval", "finetune", "--checkpoint"]).arg(&out).args([
+        "--baselines",
+        "--eval-every",
+        "1",
+    ]))?;
+    run(Command::new(&bin).arg("report").arg(&out))
 }
 
 fn bench(args: &[String]) -> Result<()> {

@@ -5,6 +5,7 @@
 //! - [`schedule`]: learning-rate and momentum schedules as pure functions of progress.
 //! - [`checkpoint`]: atomic safetensors checkpoints with a JSON manifest; keep-last-K.
 //! - [`trainer`]: the loop: views -> loss -> backward -> clip -> step -> EMA -> log.
+//! - [`report`]: PNG plots and a Markdown summary of a run directory.
 //! - [`finetune`]: end-to-end fine-tuning with layer-wise lr decay, label smoothing and
 //!   drop-path (an evaluation protocol, here because it trains).
 //!
@@ -15,6 +16,7 @@ pub mod config;
 pub mod finetune;
 pub mod fsutil;
 pub mod optim;
+pub mod report;
 pub mod schedule;
 pub mod trainer;
 

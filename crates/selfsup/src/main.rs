@@ -5,6 +5,7 @@
 //! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N]
 //! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care] [--baselines]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
+//! selfsup report RUN_DIR [--font FILE]
 //! selfsup info
 //! ```
 
@@ -50,6 +51,15 @@ enum Command {
     Eval {
         #[command(subcommand)]
         protocol: EvalCommand,
+    },
+    /// Plot a run's metrics (PNG) and summarise it with its evaluations (Markdown), into
+    /// <run dir>/report/.
+    Report {
+        /// The run directory (the `output_dir` of its config).
+        run_dir: PathBuf,
+        /// A TrueType font for the plot text (default: DejaVu Sans or similar, if installed).
+        #[arg(long)]
+        font: Option<PathBuf>,
     },
     /// List the registered architectures and objectives.
     Info,
@@ -99,6 +109,28 @@ enum EvalCommand {
         #[arg(long, default_value_t = 500)]
         batch: usize,
         /// Write the results as JSON here (default: <run dir>/linear.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Segmentation metrics of a folder of predicted class-index PNG masks against a folder of
+    /// ground-truth masks of the same names (per-class IoU and Dice, mIoU, pixel accuracy).
+    Segment {
+        /// Predicted masks (8/16-bit greyscale or palette PNGs whose values are class indices).
+        #[arg(long)]
+        pred: PathBuf,
+        /// Ground-truth masks, same file names.
+        #[arg(long)]
+        truth: PathBuf,
+        /// Number of classes (labels 0..N).
+        #[arg(long)]
+        classes: usize,
+        /// Target label to skip (e.g. 255, VOC's border label).
+        #[arg(long)]
+        ignore: Option<u32>,
+        /// Class names for the table, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
+        /// Write the results as JSON here (default: <pred>/segment.json).
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -184,6 +216,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { protocol: EvalCommand::Linear { run, preset, epochs, baselines, batch, json } } => {
             eval_linear(run, LinearArgs { preset, epochs, baselines, batch, json })
         }
+        Command::Eval { protocol: EvalCommand::Segment { pred, truth, classes, ignore, names, json } } => {
+            eval_segment(&pred, &truth, classes, ignore, &names, json)
+        }
         Command::Eval {
             protocol:
                 EvalCommand::Finetune {
@@ -217,6 +252,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.eval_every = eval_every;
             eval_finetune(run, preset, cfg, baselines, json)
+        }
+        Command::Report { run_dir, font } => {
+            let w = selfsup_train::report::report(&run_dir, font.as_deref())?;
+            if let Some(why) = &w.no_plots {
+                eprintln!("warning: no plots drawn: {why}");
+            }
+            for p in &w.plots {
+                println!("plot written to {}", p.display());
+            }
+            println!("summary written to {}", w.summary.display());
+            Ok(())
         }
         Command::Info => {
             println!(
@@ -495,4 +541,48 @@ fn eval_finetune(
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"init": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("finetune.json")), &value)
+}
+
+fn eval_segment(
+    pred: &Path,
+    truth: &Path,
+    classes: usize,
+    ignore: Option<u32>,
+    names: &[String],
+    json: Option<PathBuf>,
+) -> Result<()> {
+    if classes == 0 {
+        anyhow::bail!("--classes must be positive")
+    }
+    if !names.is_empty() && names.len() != classes {
+        anyhow::bail!("--names has {} names for {classes} classes", names.len())
+    }
+    let s = selfsup_eval::masks::score_mask_folders(pred, truth, classes, ignore).map_err(anyhow::Error::msg)?;
+    let m = &s.metrics;
+    println!(
+        "segmentation of {} masks ({} scored pixels) in {} against {}, %:",
+        s.images,
+        m.pixels,
+        pred.display(),
+        truth.display()
+    );
+    println!("| class        |    IoU |   Dice |");
+    println!("|--------------|--------|--------|");
+    for c in 0..classes {
+        let name = names.get(c).cloned().unwrap_or_else(|| c.to_string());
+        let cell = |v: f64| if v.is_nan() { "     -".to_string() } else { format!("{v:>6.2}") };
+        println!("| {name:<12} | {} | {} |", cell(m.iou[c]), cell(m.dice[c]));
+    }
+    println!("mIoU {:.2}, mean Dice {:.2}, pixel accuracy {:.2}", m.miou, m.mdice, m.pixel_accuracy);
+    if !s.unmatched_predictions.is_empty() {
+        eprintln!(
+            "note: {} prediction(s) have no target and were not scored (first: {})",
+            s.unmatched_predictions.len(),
+            s.unmatched_predictions[..s.unmatched_predictions.len().min(5)].join(", ")
+        );
+    }
+    let value = serde_json::json!({
+        "pred": pred, "truth": truth, "classes": classes, "ignore_index": ignore, "names": names, "score": s,
+    });
+    write_json(&json.unwrap_or_else(|| pred.join("segment.json")), &value)
 }

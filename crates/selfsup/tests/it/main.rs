@@ -142,6 +142,20 @@ fn pretrain_resume_and_knn_end_to_end() {
     let o = selfsup(&[&args[..], &["--layer-decay", "0"]].concat());
     assert_fails_with(&o, &["layer_decay must lie in (0, 1], got 0"]);
 
+    let o = selfsup(&["report", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = std::fs::read_to_string(out.join("report/summary.md")).unwrap();
+    for part in [
+        "objective `byol`",
+        "### kNN",
+        "### Linear probe (care",
+        "### Fine-tuning (fmnist, 4 epochs",
+        "![loss](loss.png)",
+    ] {
+        assert!(summary.contains(part), "{part}: {summary}");
+    }
+    assert!(out.join("report/loss.png").is_file() && out.join("report/schedule.png").is_file());
+
     // A test class the bank never saw is reported and scored as an error, not a crash.
     dataset::write_mnist_family(&data, Split::Test, &dataset::synthetic_stripes(40, 16, 5, 2)).unwrap();
     let o = selfsup(&["eval", "knn", "--checkpoint", out.to_str().unwrap()]);
@@ -208,4 +222,34 @@ fn data_errors_name_the_file() {
     // A checkpoint path with nothing in it.
     let o = selfsup(&["eval", "knn", "--checkpoint", root.path().to_str().unwrap()]);
     assert_fails_with(&o, &["no checkpoint in"]);
+}
+
+#[test]
+fn eval_segment_scores_mask_folders() {
+    use selfsup_eval::masks::{write_mask_png, Mask};
+    let root = tempfile::tempdir().unwrap();
+    let (pred, truth) = (root.path().join("pred"), root.path().join("truth"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&truth).unwrap();
+    // Target: left half background, right half foreground; the prediction misses one column.
+    let target = Mask { width: 4, height: 2, labels: vec![0, 0, 1, 1, 0, 0, 1, 1] };
+    let guess = Mask { width: 4, height: 2, labels: vec![0, 0, 0, 1, 0, 0, 0, 1] };
+    write_mask_png(&truth.join("x.png"), &target).unwrap();
+    write_mask_png(&pred.join("x.png"), &guess).unwrap();
+    let args = ["eval", "segment", "--pred", pred.to_str().unwrap(), "--truth", truth.to_str().unwrap()];
+    let o = selfsup(&[&args[..], &["--classes", "2", "--names", "background,object"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // background: TP 4, FP 2 -> IoU 66.67; object: TP 2, FN 2 -> IoU 50, Dice 66.67.
+    assert!(out.contains("| background   |  66.67 |  80.00 |"), "{out}");
+    assert!(out.contains("| object       |  50.00 |  66.67 |"), "{out}");
+    assert!(out.contains("pixel accuracy 75.00"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pred.join("segment.json")).unwrap()).unwrap();
+    assert!((json["score"]["metrics"]["miou"].as_f64().unwrap() - 58.333).abs() < 1e-2, "{json}");
+    let o = selfsup(&[&args[..], &["--classes", "3", "--names", "a,b"]].concat());
+    assert_fails_with(&o, &["--names has 2 names for 3 classes"]);
+    std::fs::remove_file(pred.join("x.png")).unwrap();
+    let o = selfsup(&[&args[..], &["--classes", "2"]].concat());
+    assert_fails_with(&o, &["no prediction for 1 of 1 target masks (first: x.png)"]);
 }
