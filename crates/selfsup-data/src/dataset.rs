@@ -1,14 +1,24 @@
-//! In-memory labelled image sets of u8 pixels, and the readers that fill them.
+//! Labelled image sets of u8 pixels (in memory or memory-mapped), and the readers that fill them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{DataError, Result};
 use crate::{idx, Split};
 
+/// Where an [`ImageSet`]'s pixels live.
+#[derive(Debug, Clone)]
+pub enum Pixels {
+    /// One contiguous buffer of `n` records.
+    Owned(Arc<Vec<u8>>),
+    /// Memory-mapped shard files of `per_shard` records each (the last may hold fewer).
+    Mapped { shards: Arc<Vec<memmap2::Mmap>>, per_shard: usize },
+}
+
 /// `n` images of `c x h x w` u8 pixels (channel-first), with optional labels.
 #[derive(Debug, Clone)]
 pub struct ImageSet {
-    pub pixels: Vec<u8>,
+    pub pixels: Pixels,
     pub labels: Option<Vec<u32>>,
     pub n: usize,
     pub c: usize,
@@ -28,24 +38,38 @@ impl ImageSet {
             }
         }
         let num_classes = labels.as_ref().map_or(0, |l| l.iter().max().map_or(0, |&m| m as usize + 1));
-        Ok(Self { pixels, labels, n, c, h, w, num_classes })
+        Ok(Self { pixels: Pixels::Owned(Arc::new(pixels)), labels, n, c, h, w, num_classes })
     }
 
+    /// Bytes per image.
+    pub fn record_size(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Image `i`, (c, h, w) row-major.
     pub fn image(&self, i: usize) -> &[u8] {
-        let s = self.c * self.h * self.w;
-        &self.pixels[i * s..(i + 1) * s]
+        assert!(i < self.n, "image {i} of a set of {}", self.n);
+        let s = self.record_size();
+        match &self.pixels {
+            Pixels::Owned(v) => &v[i * s..(i + 1) * s],
+            Pixels::Mapped { shards, per_shard } => {
+                let j = i % per_shard;
+                &shards[i / per_shard][j * s..(j + 1) * s]
+            }
+        }
     }
 
-    /// The first `n` images (or all, if fewer).
+    /// Every image's pixels in order, as one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.n * self.record_size());
+        (0..self.n).for_each(|i| out.extend_from_slice(self.image(i)));
+        out
+    }
+
+    /// The first `n` images (or all, if fewer); shares the pixels.
     pub fn take(&self, n: usize) -> Self {
         let n = n.min(self.n);
-        let s = self.c * self.h * self.w;
-        Self {
-            pixels: self.pixels[..n * s].to_vec(),
-            labels: self.labels.as_ref().map(|l| l[..n].to_vec()),
-            n,
-            ..*self
-        }
+        Self { pixels: self.pixels.clone(), labels: self.labels.as_ref().map(|l| l[..n].to_vec()), n, ..*self }
     }
 
     /// Per-channel mean and standard deviation of the pixels scaled to [0, 1].
@@ -113,7 +137,7 @@ pub fn write_mnist_family(dir: &Path, split: Split, set: &ImageSet) -> Result<()
         ));
     }
     let labels: Vec<u8> = set.labels.as_deref().unwrap_or(&[]).iter().map(|&l| l as u8).collect();
-    idx::write(&dir.join(format!("{stem}-images-idx3-ubyte")), &[set.n, set.h, set.w], &set.pixels)?;
+    idx::write(&dir.join(format!("{stem}-images-idx3-ubyte")), &[set.n, set.h, set.w], &set.to_vec())?;
     idx::write(&dir.join(format!("{stem}-labels-idx1-ubyte")), &[labels.len()], &labels)
 }
 

@@ -12,6 +12,8 @@ pub enum DataError {
     Truncated { path: PathBuf, expected: usize, found: usize },
     #[error("{}: {found} labels, but {} has {expected} images", labels.display(), images.display())]
     CountMismatch { images: PathBuf, labels: PathBuf, expected: usize, found: usize },
+    #[error("{}: {key}: {reason}", path.display())]
+    Record { path: PathBuf, key: String, reason: String },
     #[error("{}: the source holds no images", path.display())]
     Empty { path: PathBuf },
     #[error("invalid {field}: {reason}")]

@@ -111,4 +111,19 @@ mod tests {
         let e = read(&dir.path().join("missing"), 1).unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
     }
+
+    /// Random bytes, with and without a valid magic, never panic the parser.
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = selfsup_ops::rng::Rng::new(3);
+        for trial in 0..5000 {
+            let ndims = (trial % 4) as u8;
+            let mut bytes = if trial % 2 == 0 { vec![0, 0, 8, ndims] } else { Vec::new() };
+            let n = rng.below(64);
+            bytes.extend((0..n).map(|_| rng.next_u64() as u8));
+            if let Ok(a) = parse(&bytes, ndims) {
+                assert_eq!(a.data.len(), a.dims.iter().product::<usize>());
+            }
+        }
+    }
 }

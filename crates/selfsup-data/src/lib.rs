@@ -5,10 +5,13 @@
 //! callers can act on; every message names the file or value at fault.
 
 pub mod augment;
+pub mod cifar;
 pub mod dataset;
 pub mod error;
+pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod shards;
 
 pub use augment::ViewConfig;
 pub use dataset::ImageSet;
@@ -21,4 +24,14 @@ pub use loader::Loader;
 pub enum Split {
     Train,
     Test,
+}
+
+impl Split {
+    /// `train` / `test`: the sub-directory of a packed dataset holding this split.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
 }

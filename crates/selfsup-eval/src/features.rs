@@ -33,7 +33,7 @@ pub fn extract(
 
 /// Raw pixels in [0, 1] as features (n, c*h*w): the baseline any learned feature should beat.
 pub fn raw_pixels(set: &ImageSet) -> Result<Tensor> {
-    let v: Vec<f32> = set.pixels.iter().map(|&p| p as f32 / 255.0).collect();
+    let v: Vec<f32> = (0..set.n).flat_map(|i| set.image(i).iter().map(|&p| p as f32 / 255.0)).collect();
     Tensor::from_vec(v, (set.n, set.c * set.h * set.w), &Device::Cpu)
 }
 

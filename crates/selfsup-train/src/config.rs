@@ -85,6 +85,10 @@ pub struct DataConfig {
 pub enum DataFormat {
     /// An MNIST-family IDX directory (`train-images-idx3-ubyte[.gz]`, ...).
     Idx,
+    /// A CIFAR-10 / CIFAR-100 binary directory.
+    Cifar,
+    /// A directory of shard stores `train/` and `test/` (`selfsup data pack`).
+    Shards,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -29,6 +29,8 @@ use crate::schedule::{progress, warmup_cosine};
 pub fn load_split(data: &DataConfig, split: Split) -> Result<ImageSet> {
     let set = match data.format {
         DataFormat::Idx => dataset::mnist_family(&data.path, split)?,
+        DataFormat::Cifar => selfsup_data::cifar::read(&data.path, split)?,
+        DataFormat::Shards => selfsup_data::shards::open(&data.path.join(split.name()))?,
     };
     Ok(match (split, data.limit) {
         (Split::Train, Some(n)) => set.take(n),

@@ -11,6 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod data;
+
 // Tensors are large and short-lived: glibc returns them to the OS and page-faults them back
 // in on every step (a fifth of a training step, measured with perf); mimalloc keeps them.
 #[global_allocator]
@@ -51,6 +53,11 @@ enum Command {
     Eval {
         #[command(subcommand)]
         protocol: EvalCommand,
+    },
+    /// Convert datasets into shard stores, and describe datasets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
     },
     /// Plot a run's metrics (PNG) and summarise it with its evaluations (Markdown), into
     /// <run dir>/report/.
@@ -176,6 +183,37 @@ enum EvalCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Pack a source (IDX or CIFAR directory, image folder) into memory-mapped shard stores
+    /// `<out>/train` and `<out>/test` (a folder without train/ and test|val/ sub-folders
+    /// becomes `<out>/train`).
+    Pack {
+        source: PathBuf,
+        out: PathBuf,
+        /// `auto`, `idx`, `cifar` or `folder`.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Image folders: output side (shorter side resized, then centre-cropped).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Image folders: 1 (grey) or 3 (RGB).
+        #[arg(long, default_value_t = 3)]
+        channels: usize,
+        /// Image folders: images with more pixels are skipped before decoding.
+        #[arg(long, default_value_t = 40_000_000)]
+        max_pixels: u64,
+        /// Image folders: stop with an error when more than this fraction is skipped.
+        #[arg(long, default_value_t = 0.05)]
+        max_bad: f64,
+        /// Replace an existing output.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Count, classes, per-class counts and image sizes of a dataset or store.
+    Info { path: PathBuf },
+}
+
 /// The run to evaluate and how much of its labelled splits to use.
 #[derive(clap::Args)]
 struct RunSubset {
@@ -253,6 +291,13 @@ fn run(cli: Cli) -> Result<()> {
             cfg.eval_every = eval_every;
             eval_finetune(run, preset, cfg, baselines, json)
         }
+        Command::Data {
+            command: DataCommand::Pack { source, out, format, size, channels, max_pixels, max_bad, overwrite },
+        } => {
+            let opts = selfsup_data::folder::DecodeOptions { size: size.unwrap_or(0), channels, max_pixels };
+            data::pack(&source, &out, &format, &opts, max_bad, overwrite)
+        }
+        Command::Data { command: DataCommand::Info { path } } => data::info(&path),
         Command::Report { run_dir, font } => {
             let w = selfsup_train::report::report(&run_dir, font.as_deref())?;
             if let Some(why) = &w.no_plots {

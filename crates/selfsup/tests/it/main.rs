@@ -253,3 +253,61 @@ fn eval_segment_scores_mask_folders() {
     let o = selfsup(&[&args[..], &["--classes", "2"]].concat());
     assert_fails_with(&o, &["no prediction for 1 of 1 target masks (first: x.png)"]);
 }
+
+#[test]
+fn data_pack_info_and_training_from_shards() {
+    use selfsup_eval::masks::{write_mask_png, Mask};
+    let root = tempfile::tempdir().unwrap();
+    let data = data_dir(root.path());
+    let packed = root.path().join("packed");
+    let o = selfsup(&["data", "pack", data.to_str().unwrap(), packed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("96 images of 1x16x16, 4 classes") && out.contains("40 images"), "{out}");
+    let o = selfsup(&["data", "pack", data.to_str().unwrap(), packed.to_str().unwrap()]);
+    assert_fails_with(&o, &["exists; pass --overwrite"]);
+    let o = selfsup(&["data", "info", packed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("96 images of 1x16x16") && out.contains("4 classes"), "{out}");
+
+    // Pretraining reads the packed store exactly as it read the IDX files.
+    let run = root.path().join("run");
+    let text = config(&data, &run)
+        .replace("format = \"idx\"", "format = \"shards\"")
+        .replace(&format!("path = \"{}\"", data.display()), &format!("path = \"{}\"", packed.display()));
+    let o = pretrain(root.path(), &text);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("pretrained 12 steps"));
+
+    // An image folder with split sub-folders, one corrupt file.
+    let folder = root.path().join("folder");
+    for (split, n) in [("train", 4), ("val", 2)] {
+        for class in ["a", "b"] {
+            let dir = folder.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let mask = Mask { width: 20, height: 12, labels: vec![if class == "a" { 30 } else { 220 }; 240] };
+                write_mask_png(&dir.join(format!("{i}.png")), &mask).unwrap();
+            }
+        }
+    }
+    std::fs::write(folder.join("train/a/bad.png"), b"\x89PNG\r\n\x1a\nnope").unwrap();
+    let out = root.path().join("folder-packed");
+    let args = ["data", "pack", folder.to_str().unwrap(), out.to_str().unwrap(), "--channels", "1"];
+    let o = selfsup(&args);
+    assert_fails_with(&o, &["needs --size"]);
+    let o = selfsup(&[&args[..], &["--size", "8", "--max-bad", "0.5"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("8 images of 1x8x8, 2 classes; skipped {\"unreadable or corrupt\": 1}"), "{stdout}");
+    assert!(stdout.contains("4 images of 1x8x8, 2 classes; skipped none"), "{stdout}");
+    assert!(stderr(&o).contains("bad.png"), "{}", stderr(&o));
+    let o = selfsup(&["data", "info", folder.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        info.contains("9 image files") && info.contains("<= 32") && info.contains("unreadable headers: 1"),
+        "{info}"
+    );
+}

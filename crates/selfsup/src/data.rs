@@ -1,0 +1,237 @@
+//! `selfsup data pack` and `selfsup data info`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use selfsup_data::folder::{DecodeOptions, ImageFolder};
+use selfsup_data::{cifar, dataset, shards, ImageSet, Split};
+
+/// What kind of source a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Idx,
+    Cifar,
+    Folder,
+    Shards,
+    PackedSplits,
+}
+
+fn detect(path: &Path) -> Result<Kind> {
+    if !path.is_dir() {
+        bail!("{}: not a directory", path.display())
+    }
+    let has = |name: &str| path.join(name).is_file() || path.join(format!("{name}.gz")).is_file();
+    Ok(if path.join("manifest.json").is_file() {
+        Kind::Shards
+    } else if path.join("train/manifest.json").is_file() {
+        Kind::PackedSplits
+    } else if has("train-images-idx3-ubyte") || has("t10k-images-idx3-ubyte") {
+        Kind::Idx
+    } else if cifar::detect(path).is_ok() {
+        Kind::Cifar
+    } else {
+        Kind::Folder
+    })
+}
+
+fn kind_named(format: &str, source: &Path) -> Result<Kind> {
+    Ok(match format {
+        "auto" => detect(source)?,
+        "idx" => Kind::Idx,
+        "cifar" => Kind::Cifar,
+        "folder" => Kind::Folder,
+        other => bail!("--format {other:?}: expected auto, idx, cifar or folder"),
+    })
+}
+
+/// Image folders with split sub-folders: (split, folder) pairs; else the whole folder as train.
+fn folder_splits(source: &Path) -> Vec<(Split, PathBuf)> {
+    let train = source.join("train");
+    let test = ["test", "val"].iter().map(|n| source.join(n)).find(|p| p.is_dir());
+    match (train.is_dir(), test) {
+        (true, Some(test)) => vec![(Split::Train, train), (Split::Test, test)],
+        _ => vec![(Split::Train, source.to_path_buf())],
+    }
+}
+
+fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub fn pack(
+    source: &Path,
+    out: &Path,
+    format: &str,
+    opts: &DecodeOptions,
+    max_bad: f64,
+    overwrite: bool,
+) -> Result<()> {
+    let kind = kind_named(format, source)?;
+    if out.exists() && !overwrite {
+        bail!("{} exists; pass --overwrite to replace it", out.display())
+    }
+    if !(0.0..=1.0).contains(&max_bad) {
+        bail!("--max-bad {max_bad} is not a fraction in [0, 1]")
+    }
+    if kind == Kind::Folder && opts.size == 0 {
+        bail!("packing an image folder needs --size (records are fixed-size)")
+    }
+    // Everything goes into `<out>.partial` and is renamed into place at the end, so a pack that
+    // fails or is interrupted half way leaves no `<out>` that looks complete.
+    let name = out.file_name().with_context(|| format!("{} has no file name", out.display()))?;
+    let staging = out.with_file_name(format!("{}.partial", name.to_string_lossy()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("removing the stale {}", staging.display()))?;
+    }
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    pack_into(source, &staging, kind, opts, max_bad)?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    std::fs::rename(&staging, out).with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
+    println!("packed into {}", out.display());
+    Ok(())
+}
+
+fn pack_into(source: &Path, out: &Path, kind: Kind, opts: &DecodeOptions, max_bad: f64) -> Result<()> {
+    let overwrite = false;
+    match kind {
+        Kind::Idx | Kind::Cifar => {
+            for split in [Split::Train, Split::Test] {
+                let set =
+                    if kind == Kind::Idx { dataset::mnist_family(source, split)? } else { cifar::read(source, split)? };
+                let dest = out.join(split.name());
+                let m = shards::pack_set(&set, &dest, overwrite, &source.display().to_string())?;
+                println!(
+                    "{}: {} images of {}x{}x{}, {} classes",
+                    dest.display(),
+                    m.count,
+                    m.channels,
+                    m.height,
+                    m.width,
+                    m.num_classes
+                );
+            }
+        }
+        Kind::Folder => {
+            for (split, dir) in folder_splits(source) {
+                let folder = ImageFolder::scan(&dir)?;
+                let dest = out.join(split.name());
+                let bar = progress_bar(folder.files.len(), &format!("packing {}", dir.display()));
+                let (m, skipped) =
+                    selfsup_data::folder::pack_folder(&folder, &dest, opts, max_bad, overwrite, |done, _| {
+                        bar.set_position(done as u64)
+                    })?;
+                bar.finish_and_clear();
+                println!(
+                    "{}: {} images of {}x{}x{}, {} classes; skipped {}",
+                    dest.display(),
+                    m.count,
+                    m.channels,
+                    m.height,
+                    m.width,
+                    m.num_classes,
+                    if skipped.by_reason.is_empty() { "none".to_string() } else { format!("{:?}", skipped.by_reason) }
+                );
+                for e in skipped.examples.iter().take(10) {
+                    eprintln!("  skipped {e}");
+                }
+            }
+        }
+        Kind::Shards | Kind::PackedSplits => bail!("{} is already a shard store", source.display()),
+    }
+    Ok(())
+}
+
+fn describe(name: &str, set: &ImageSet, classes: &[String]) {
+    println!("{name}: {} images of {}x{}x{}", set.n, set.c, set.h, set.w);
+    if let Some(labels) = &set.labels {
+        let mut counts = vec![0usize; set.num_classes];
+        labels.iter().for_each(|&l| counts[l as usize] += 1);
+        println!("  {} classes; per class:", set.num_classes);
+        for (c, n) in counts.iter().enumerate() {
+            let name = classes.get(c).cloned().unwrap_or_else(|| c.to_string());
+            println!("    {name:<20} {n}");
+        }
+    } else {
+        println!("  unlabelled");
+    }
+}
+
+pub fn info(path: &Path) -> Result<()> {
+    match detect(path)? {
+        Kind::Shards => {
+            let m = shards::read_manifest(path)?;
+            describe(&path.display().to_string(), &shards::open(path)?, &m.classes);
+            if !m.skipped.is_empty() {
+                println!("  skipped when packed: {:?}", m.skipped);
+            }
+        }
+        Kind::PackedSplits => {
+            for split in [Split::Train, Split::Test] {
+                let dir = path.join(split.name());
+                if dir.is_dir() {
+                    let m = shards::read_manifest(&dir)?;
+                    describe(&dir.display().to_string(), &shards::open(&dir)?, &m.classes);
+                }
+            }
+        }
+        Kind::Idx | Kind::Cifar => {
+            for split in [Split::Train, Split::Test] {
+                let set = if detect(path)? == Kind::Idx {
+                    dataset::mnist_family(path, split)?
+                } else {
+                    cifar::read(path, split)?
+                };
+                describe(&format!("{} ({})", path.display(), split.name()), &set, &[]);
+            }
+        }
+        Kind::Folder => {
+            for (split, dir) in folder_splits(path) {
+                let folder = ImageFolder::scan(&dir)?;
+                println!("{} ({}): {} image files", dir.display(), split.name(), folder.files.len());
+                if !folder.classes.is_empty() {
+                    let mut counts = vec![0usize; folder.classes.len()];
+                    folder.files.iter().for_each(|(_, l)| counts[l.unwrap_or(0) as usize] += 1);
+                    println!("  {} classes; per class:", folder.classes.len());
+                    for (name, n) in folder.classes.iter().zip(&counts) {
+                        println!("    {name:<20} {n}");
+                    }
+                } else {
+                    println!("  unlabelled (no class sub-folders)");
+                }
+                // Image sizes from the headers (no pixel is decoded), by the longer side.
+                let edges = [32u32, 64, 128, 256, 512, 1024, 2048, 4096];
+                let mut hist = vec![0usize; edges.len() + 1];
+                let mut unreadable = 0;
+                for (p, _) in &folder.files {
+                    match image::ImageReader::open(p).and_then(|r| r.with_guessed_format()).map(|r| r.into_dimensions())
+                    {
+                        Ok(Ok((w, h))) => hist[edges.iter().position(|&e| w.max(h) <= e).unwrap_or(edges.len())] += 1,
+                        _ => unreadable += 1,
+                    }
+                }
+                println!("  longer side:");
+                for (i, n) in hist.iter().enumerate().filter(|(_, &n)| n > 0) {
+                    let label = if i < edges.len() {
+                        format!("<= {}", edges[i])
+                    } else {
+                        format!("> {}", edges[edges.len() - 1])
+                    };
+                    println!("    {label:<10} {n}");
+                }
+                if unreadable > 0 {
+                    println!("  unreadable headers: {unreadable}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
