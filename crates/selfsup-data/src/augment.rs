@@ -1,13 +1,21 @@
 //! The SSL augmentations on u8 images, producing normalised f32 views.
 //!
-//! Semantics follow torchvision (`RandomResizedCrop`, `RandomHorizontalFlip`, `ColorJitter`,
-//! `RandomGrayscale`, `GaussianBlur`, `RandomSolarize`, `Normalize`) as used by the BYOL and
-//! MoCo v2 recipes (METHODS.md 1.1, 1.8). Differences, on purpose:
-//! - Resizing is bilinear with half-pixel centres and no antialiasing (torchvision's tensor
-//!   path with `antialias=False`); SSL crops are mostly upscaled, where the two agree.
-//! - ColorJitter applies brightness, contrast and saturation in a random order; hue is not
-//!   implemented yet (the Fashion-MNIST recipes are grey, where hue is the identity).
-//! - The blur kernel is ~10% of the output size (BYOL's 23 px at 224 px), odd, at least 3.
+//! Semantics follow the torchvision + PIL pipelines the references use (`RandomResizedCrop`,
+//! `RandomHorizontalFlip`, `ColorJitter`, `RandomGrayscale`, `GaussianBlur`,
+//! `RandomSolarize`, `Normalize`; METHODS.md 1.1, 1.8), held to torchvision by golden tests
+//! (`tests/fixtures/augment.json`, made by `scripts/make_augment_fixtures.py`):
+//! - Resizing is PIL's `Image.resize` on the cropped region: separable, antialiased (the filter
+//!   support grows with the downscale factor), bilinear (triangle) or bicubic (a = -0.5),
+//!   horizontal pass then vertical, each rounded to u8 as PIL does for 8-bit images.
+//! - ColorJitter draws the order of its four operations and then their factors, and applies
+//!   torchvision's *tensor* functional ops (`adjust_brightness/contrast/saturation/hue` on
+//!   floats in [0, 1]); PIL's per-operation rounding to u8 differs by at most one level.
+//!   Grey images skip saturation and hue (identities there). Luma is 0.2989 R + 0.587 G +
+//!   0.114 B (torchvision's `rgb_to_grayscale`).
+//! - The blur kernel is ~10% of the output size (BYOL's 23 px at 224 px), odd, at least 3,
+//!   with reflect padding as torchvision's tensor `gaussian_blur`.
+//! - `to_rgb` replicates a grey image to three channels after the colour operations (which
+//!   are identities on grey), the same as converting to RGB at load time.
 //!
 //! Every draw comes from the [`Rng`] the caller passes, so a view is a pure function of it.
 
@@ -16,8 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 
-/// Random colour distortion: factors drawn from `[max(0, 1 - s), 1 + s]`, applied with
-/// probability `p`.
+/// Random colour distortion: brightness, contrast and saturation factors drawn from
+/// `[max(0, 1 - s), 1 + s]`, the hue shift from `[-hue, hue]` (at most 0.5), in a random
+/// order, applied with probability `p`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Jitter {
@@ -25,7 +34,18 @@ pub struct Jitter {
     pub contrast: f64,
     #[serde(default)]
     pub saturation: f64,
+    #[serde(default)]
+    pub hue: f64,
     pub p: f64,
+}
+
+/// Resampling filter of the resize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Bicubic,
 }
 
 /// The recipe of one view.
@@ -40,6 +60,9 @@ pub struct ViewConfig {
     /// RandomResizedCrop aspect-ratio range.
     #[serde(default = "default_ratio")]
     pub crop_ratio: [f64; 2],
+    /// Resampling filter of the crop resize.
+    #[serde(default)]
+    pub interpolation: Interpolation,
     /// Horizontal flip probability.
     #[serde(default)]
     pub hflip: f64,
@@ -56,7 +79,10 @@ pub struct ViewConfig {
     /// Solarize (threshold 0.5) probability.
     #[serde(default)]
     pub solarize: f64,
-    /// Per-channel normalisation (one value per channel, or one for all).
+    /// Replicate grey images to 3 channels (for RGB models).
+    #[serde(default)]
+    pub to_rgb: bool,
+    /// Per-channel normalisation (one value per output channel, or one for all).
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
@@ -80,14 +106,50 @@ impl ViewConfig {
             size,
             crop_scale: default_scale(),
             crop_ratio: default_ratio(),
+            interpolation: Interpolation::Bilinear,
             hflip: 0.5,
-            jitter: Some(Jitter { brightness: 0.4, contrast: 0.4, saturation: 0.2, p: 0.8 }),
+            jitter: Some(Jitter { brightness: 0.4, contrast: 0.4, saturation: 0.2, hue: 0.1, p: 0.8 }),
             grayscale: 0.2,
             blur: if second { 0.1 } else { 1.0 },
             blur_sigma: default_sigma(),
             solarize: if second { 0.2 } else { 0.0 },
+            to_rgb: false,
             mean,
             std,
+        }
+    }
+
+    /// MoCo v2 (`main_moco.py --aug-plus`), both views alike: crop scale 0.2-1, jitter
+    /// (0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale p = 0.2, blur sigma 0.1-2 p = 0.5, flip.
+    pub fn moco_v2(size: usize, mean: Vec<f32>, std: Vec<f32>) -> Self {
+        Self {
+            crop_scale: [0.2, 1.0],
+            jitter: Some(Jitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, p: 0.8 }),
+            blur: 0.5,
+            solarize: 0.0,
+            ..Self::byol(size, 0, mean, std)
+        }
+    }
+
+    /// MAE / FCMAE / LoMaR pretraining: RandomResizedCrop(scale 0.2-1, bicubic) + flip only.
+    pub fn masked_modeling(size: usize, mean: Vec<f32>, std: Vec<f32>) -> Self {
+        Self {
+            crop_scale: [0.2, 1.0],
+            interpolation: Interpolation::Bicubic,
+            jitter: None,
+            grayscale: 0.0,
+            blur: 0.0,
+            solarize: 0.0,
+            ..Self::byol(size, 0, mean, std)
+        }
+    }
+
+    /// Channels of the output for `c`-channel input.
+    pub fn out_channels(&self, c: usize) -> usize {
+        if self.to_rgb && c == 1 {
+            3
+        } else {
+            c
         }
     }
 
@@ -123,7 +185,17 @@ impl ViewConfig {
             if j.brightness < 0.0 || j.contrast < 0.0 || j.saturation < 0.0 {
                 return Err(DataError::config("views.jitter", "strengths must be non-negative"));
             }
+            if !(0.0..=0.5).contains(&j.hue) {
+                return Err(DataError::config("views.jitter.hue", format!("{} is outside [0, 0.5]", j.hue)));
+            }
         }
+        if self.to_rgb && channels != 1 && channels != 3 {
+            return Err(DataError::config(
+                "views.to_rgb",
+                format!("{channels}-channel images are neither grey nor RGB"),
+            ));
+        }
+        let channels = self.out_channels(channels);
         let [lo, hi] = self.blur_sigma;
         if !(lo > 0.0 && lo <= hi) {
             return Err(DataError::config("views.blur_sigma", format!("{:?} is not 0 < lo <= hi", self.blur_sigma)));
@@ -143,7 +215,7 @@ impl ViewConfig {
     pub fn apply(&self, img: &[u8], c: usize, h: usize, w: usize, rng: &mut Rng) -> Vec<f32> {
         let crop = random_resized_crop_box(h, w, self.crop_scale, self.crop_ratio, rng);
         let flip = rng.bernoulli(self.hflip);
-        let mut x = resize_crop(img, c, h, w, crop, self.size, flip);
+        let mut x = resize_crop(img, c, h, w, crop, self.size, flip, self.interpolation);
         let plane = self.size * self.size;
         if let Some(j) = &self.jitter {
             if rng.bernoulli(j.p) {
@@ -160,6 +232,9 @@ impl ViewConfig {
         if rng.bernoulli(self.solarize) {
             x.iter_mut().filter(|v| **v >= 0.5).for_each(|v| *v = 1.0 - *v);
         }
+        if self.out_channels(c) != c {
+            x = x.repeat(3);
+        }
         normalize(&mut x, plane, &self.mean, &self.std);
         x
     }
@@ -167,7 +242,36 @@ impl ViewConfig {
 
 /// The deterministic evaluation view: the whole image resized to `size`, normalised.
 pub fn eval_view(img: &[u8], c: usize, h: usize, w: usize, size: usize, mean: &[f32], std: &[f32]) -> Vec<f32> {
-    let mut x = resize_crop(img, c, h, w, CropBox { top: 0, left: 0, height: h, width: w }, size, false);
+    let full = CropBox { top: 0, left: 0, height: h, width: w };
+    let mut x = resize_crop(img, c, h, w, full, size, false, Interpolation::Bilinear);
+    normalize(&mut x, size * size, mean, std);
+    x
+}
+
+/// The ImageNet evaluation view: torchvision's `Resize(resize)` (shorter side to `resize`, the
+/// longer one `int(resize * long / short)`) then `CenterCrop(size)` (offsets
+/// `int(round((n - size) / 2))`, Python's half-to-even rounding), normalised.
+pub fn center_crop_view(
+    img: &[u8],
+    (c, h, w): (usize, usize, usize),
+    resize: usize,
+    size: usize,
+    interpolation: Interpolation,
+    (mean, std): (&[f32], &[f32]),
+) -> Vec<f32> {
+    // torchvision pads a crop larger than the image with zeros; selfsup's callers validate.
+    assert!(size <= resize, "center_crop_view: crop {size} is larger than the resize {resize}");
+    let (rh, rw) = if w <= h { (resize * h / w, resize) } else { (resize, resize * w / h) };
+    let full = CropBox { top: 0, left: 0, height: h, width: w };
+    let resized = resample(img, (c, h, w), full, (rh, rw), false, interpolation);
+    let offset = |n: usize| ((n as f64 - size as f64) / 2.0).round_ties_even().max(0.0) as usize;
+    let (top, left) = (offset(rh), offset(rw));
+    let mut x = Vec::with_capacity(c * size * size);
+    for ch in 0..c {
+        for y in 0..size {
+            x.extend_from_slice(&resized[(ch * rh + top + y) * rw + left..][..size]);
+        }
+    }
     normalize(&mut x, size * size, mean, std);
     x
 }
@@ -208,45 +312,114 @@ pub fn random_resized_crop_box(h: usize, w: usize, scale: [f64; 2], ratio: [f64;
     CropBox { top: (h - ch) / 2, left: (w - cw) / 2, height: ch, width: cw }
 }
 
-/// Bilinear resize of `crop` to `size x size` (half-pixel centres, edge clamp), u8 -> [0, 1].
-pub fn resize_crop(img: &[u8], c: usize, h: usize, w: usize, crop: CropBox, size: usize, flip: bool) -> Vec<f32> {
-    let mut out = vec![0f32; c * size * size];
-    let sy = crop.height as f32 / size as f32;
-    let sx = crop.width as f32 / size as f32;
-    // Precompute the horizontal taps once per row of output columns.
-    let taps: Vec<(usize, usize, f32)> = (0..size)
-        .map(|dx| {
-            let dx = if flip { size - 1 - dx } else { dx };
-            let fx = ((dx as f32 + 0.5) * sx - 0.5).max(0.0);
-            let x0 = (fx.floor() as usize).min(crop.width - 1);
-            let x1 = (x0 + 1).min(crop.width - 1);
-            (crop.left + x0, crop.left + x1, fx - x0 as f32)
+/// PIL's resampling filters: (support, kernel).
+fn filter(interp: Interpolation) -> (f64, fn(f64) -> f64) {
+    fn triangle(x: f64) -> f64 {
+        (1.0 - x.abs()).max(0.0)
+    }
+    fn cubic(x: f64) -> f64 {
+        const A: f64 = -0.5;
+        let x = x.abs();
+        if x < 1.0 {
+            ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * A
+        } else {
+            0.0
+        }
+    }
+    match interp {
+        Interpolation::Bilinear => (1.0, triangle),
+        Interpolation::Bicubic => (2.0, cubic),
+    }
+}
+
+/// Taps of a 1-D resample of `n_in` source pixels to `n_out` (PIL `precompute_coeffs`): for
+/// each output pixel the first source index and the normalised weights.
+fn coefficients(n_in: usize, n_out: usize, interp: Interpolation) -> Vec<(usize, Vec<f32>)> {
+    let (support, kernel) = filter(interp);
+    let scale = n_in as f64 / n_out as f64;
+    let filterscale = scale.max(1.0);
+    let support = support * filterscale;
+    (0..n_out)
+        .map(|i| {
+            let center = (i as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
+            let hi = ((center + support + 0.5).floor() as usize).min(n_in);
+            let mut w: Vec<f64> = (lo..hi).map(|x| kernel((x as f64 - center + 0.5) / filterscale)).collect();
+            let total: f64 = w.iter().sum();
+            if total != 0.0 {
+                w.iter_mut().for_each(|v| *v /= total);
+            }
+            (lo, w.into_iter().map(|v| v as f32).collect())
         })
-        .collect();
+        .collect()
+}
+
+/// PIL rounds each pass of an 8-bit resample to the nearest level, clipping to [0, 255].
+fn to_level(v: f32) -> f32 {
+    v.round().clamp(0.0, 255.0)
+}
+
+/// Resizes the `crop` of a (c, h, w) u8 image to `size x size` as PIL's `crop().resize()`
+/// does (module docs), optionally mirrored; values in [0, 1].
+pub fn resize_crop(
+    img: &[u8],
+    c: usize,
+    h: usize,
+    w: usize,
+    crop: CropBox,
+    size: usize,
+    flip: bool,
+    interp: Interpolation,
+) -> Vec<f32> {
+    resample(img, (c, h, w), crop, (size, size), flip, interp)
+}
+
+/// [`resize_crop`] to an `out_h x out_w` output.
+pub fn resample(
+    img: &[u8],
+    (c, h, w): (usize, usize, usize),
+    crop: CropBox,
+    (out_h, out_w): (usize, usize),
+    flip: bool,
+    interp: Interpolation,
+) -> Vec<f32> {
+    let horiz = coefficients(crop.width, out_w, interp);
+    let vert = coefficients(crop.height, out_h, interp);
+    let mut out = vec![0f32; c * out_h * out_w];
+    let mut rows = vec![0f32; crop.height * out_w];
     for ch in 0..c {
         let src = &img[ch * h * w..(ch + 1) * h * w];
-        for dy in 0..size {
-            let fy = ((dy as f32 + 0.5) * sy - 0.5).max(0.0);
-            let y0 = (fy.floor() as usize).min(crop.height - 1);
-            let y1 = (y0 + 1).min(crop.height - 1);
-            let ty = fy - y0 as f32;
-            let (r0, r1) = ((crop.top + y0) * w, (crop.top + y1) * w);
-            let dst = &mut out[(ch * size + dy) * size..][..size];
-            for (d, &(x0, x1, tx)) in dst.iter_mut().zip(&taps) {
-                let top = src[r0 + x0] as f32 * (1.0 - tx) + src[r0 + x1] as f32 * tx;
-                let bot = src[r1 + x0] as f32 * (1.0 - tx) + src[r1 + x1] as f32 * tx;
-                *d = (top * (1.0 - ty) + bot * ty) / 255.0;
+        // Horizontal pass over the crop's rows.
+        for y in 0..crop.height {
+            let row = &src[(crop.top + y) * w + crop.left..][..crop.width];
+            for (x, (lo, wt)) in horiz.iter().enumerate() {
+                let v: f32 = wt.iter().zip(&row[*lo..]).map(|(k, &p)| k * p as f32).sum();
+                let x = if flip { out_w - 1 - x } else { x };
+                rows[y * out_w + x] = to_level(v);
             }
+        }
+        // Vertical pass.
+        let dst = &mut out[ch * out_h * out_w..(ch + 1) * out_h * out_w];
+        for (y, (lo, wt)) in vert.iter().enumerate() {
+            let d = &mut dst[y * out_w..(y + 1) * out_w];
+            d.iter_mut().for_each(|v| *v = 0.0);
+            for (k, r) in wt.iter().zip(*lo..) {
+                d.iter_mut().zip(&rows[r * out_w..(r + 1) * out_w]).for_each(|(o, &v)| *o += k * v);
+            }
+            d.iter_mut().for_each(|v| *v = to_level(*v) / 255.0);
         }
     }
     out
 }
 
 fn luma(x: &[f32], plane: usize, i: usize) -> f32 {
-    0.299 * x[i] + 0.587 * x[plane + i] + 0.114 * x[2 * plane + i]
+    0.2989 * x[i] + 0.587 * x[plane + i] + 0.114 * x[2 * plane + i]
 }
 
-fn grayscale(x: &mut [f32], plane: usize) {
+/// RandomGrayscale's conversion of an RGB image in place (three equal channels).
+pub fn grayscale(x: &mut [f32], plane: usize) {
     for i in 0..plane {
         let g = luma(x, plane, i);
         x[i] = g;
@@ -261,30 +434,82 @@ fn blend(x: &mut [f32], other: impl Fn(usize) -> f32, f: f32) {
     }
 }
 
-fn color_jitter(x: &mut [f32], c: usize, plane: usize, j: &Jitter, rng: &mut Rng) {
-    let mut order = [0usize, 1, 2];
-    rng.shuffle(&mut order);
-    for op in order {
-        let s = [j.brightness, j.contrast, j.saturation][op];
-        if s == 0.0 {
-            continue;
+/// Rotates the hue of an RGB image by `shift` turns (torchvision `adjust_hue`, tensor path:
+/// `_rgb2hsv`, shift, `_hsv2rgb`).
+fn adjust_hue(x: &mut [f32], plane: usize, shift: f32) {
+    for i in 0..plane {
+        let (r, g, b) = (x[i], x[plane + i], x[2 * plane + i]);
+        let maxc = r.max(g).max(b);
+        let minc = r.min(g).min(b);
+        let eqc = maxc == minc;
+        let cr = maxc - minc;
+        let s = cr / if eqc { 1.0 } else { maxc };
+        let div = if eqc { 1.0 } else { cr };
+        let (rc, gc, bc) = ((maxc - r) / div, (maxc - g) / div, (maxc - b) / div);
+        let hh = if maxc == r {
+            bc - gc
+        } else if maxc == g {
+            2.0 + rc - bc
+        } else {
+            4.0 + gc - rc
+        };
+        let h = ((hh / 6.0 + 1.0).rem_euclid(1.0) + shift).rem_euclid(1.0);
+        let v = maxc;
+        let i6 = (h * 6.0).floor();
+        let f = h * 6.0 - i6;
+        let p = (v * (1.0 - s)).clamp(0.0, 1.0);
+        let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
+        let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
+        let (r, g, b) = match (i6 as i32).rem_euclid(6) {
+            0 => (v, t, p),
+            1 => (q, v, p),
+            2 => (p, v, t),
+            3 => (p, q, v),
+            4 => (t, p, v),
+            _ => (v, p, q),
+        };
+        (x[i], x[plane + i], x[2 * plane + i]) = (r, g, b);
+    }
+}
+
+/// One colour operation with a fixed factor (torchvision's tensor semantics): 0 brightness,
+/// 1 contrast, 2 saturation, 3 hue (a shift in turns).
+pub fn adjust(x: &mut [f32], c: usize, plane: usize, op: usize, f: f32) {
+    match op {
+        0 => blend(x, |_| 0.0, f),
+        1 => {
+            let mean = if c == 3 {
+                (0..plane).map(|i| luma(x, plane, i)).sum::<f32>() / plane as f32
+            } else {
+                x.iter().sum::<f32>() / x.len() as f32
+            };
+            blend(x, |_| mean, f);
         }
-        let f = rng.range((1.0 - s).max(0.0), 1.0 + s) as f32;
-        match op {
-            0 => blend(x, |_| 0.0, f),
-            1 => {
-                let mean = if c == 3 {
-                    (0..plane).map(|i| luma(x, plane, i)).sum::<f32>() / plane as f32
-                } else {
-                    x.iter().sum::<f32>() / x.len() as f32
-                };
-                blend(x, |_| mean, f);
-            }
-            _ if c == 3 => {
-                let gray: Vec<f32> = (0..plane).map(|i| luma(x, plane, i)).collect();
-                blend(x, |i| gray[i % plane], f);
-            }
-            _ => {}
+        2 if c == 3 => {
+            let gray: Vec<f32> = (0..plane).map(|i| luma(x, plane, i)).collect();
+            blend(x, |i| gray[i % plane], f);
+        }
+        3 if c == 3 => adjust_hue(x, plane, f),
+        _ => {}
+    }
+}
+
+fn color_jitter(x: &mut [f32], c: usize, plane: usize, j: &Jitter, rng: &mut Rng) {
+    // As torchvision's `get_params`: the order first, then every configured factor.
+    let mut order = [0usize, 1, 2, 3];
+    rng.shuffle(&mut order);
+    let mut factor = [None; 4];
+    for (k, s) in [j.brightness, j.contrast, j.saturation].into_iter().enumerate() {
+        if s > 0.0 {
+            factor[k] = Some(rng.range((1.0 - s).max(0.0), 1.0 + s) as f32);
+        }
+    }
+    if j.hue > 0.0 {
+        factor[3] = Some(rng.range(-j.hue, j.hue) as f32);
+    }
+    for op in order {
+        if let Some(f) = factor[op] {
+            adjust(x, c, plane, op, f);
         }
     }
 }
@@ -335,18 +560,20 @@ mod tests {
     fn resize_of_full_box_at_same_size_is_identity_and_flip_mirrors() {
         let img: Vec<u8> = (0..12).map(|i| i * 20).collect();
         let full = CropBox { top: 0, left: 0, height: 3, width: 4 };
-        let x = resize_crop(&img, 1, 3, 4, CropBox { width: 3, ..full }, 3, false);
+        let x = resize_crop(&img, 1, 3, 4, CropBox { width: 3, ..full }, 3, false, Interpolation::Bilinear);
         assert_eq!(x[4], 100.0 / 255.0); // centre pixel (1, 1) of a 3x3 crop
-        let y = resize_crop(&img, 1, 4, 3, CropBox { top: 0, left: 0, height: 4, width: 3 }, 3, true);
-        let z = resize_crop(&img, 1, 4, 3, CropBox { top: 0, left: 0, height: 4, width: 3 }, 3, false);
+        let bx = CropBox { top: 0, left: 0, height: 4, width: 3 };
+        let y = resize_crop(&img, 1, 4, 3, bx, 3, true, Interpolation::Bicubic);
+        let z = resize_crop(&img, 1, 4, 3, bx, 3, false, Interpolation::Bicubic);
         for r in 0..3 {
             for c in 0..3 {
                 assert_eq!(y[r * 3 + c], z[r * 3 + 2 - c]);
             }
         }
-        // Upscaling a constant image stays constant; 2x upscaling interpolates between pixels.
-        let x = resize_crop(&[10, 20], 1, 1, 2, CropBox { top: 0, left: 0, height: 1, width: 2 }, 4, false);
-        let want = [10.0, 12.5, 17.5, 20.0].map(|v: f32| v / 255.0);
+        // 2x bilinear upscaling interpolates between pixels and rounds to levels as PIL does.
+        let bx = CropBox { top: 0, left: 0, height: 1, width: 2 };
+        let x = resize_crop(&[10, 20], 1, 1, 2, bx, 4, false, Interpolation::Bilinear);
+        let want = [10.0, 13.0, 18.0, 20.0].map(|v: f32| v / 255.0);
         for (a, b) in x.iter().take(4).zip(want) {
             assert!((a - b).abs() < 1e-6, "{x:?}");
         }

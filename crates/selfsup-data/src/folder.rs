@@ -48,9 +48,30 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Every image under `dir`, recursively (as torchvision's `ImageFolder` walks a class
+/// directory), in name order; hidden entries and symlinked directories (cycles) are skipped.
+fn walk_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for p in sorted_entries(dir)? {
+        let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        let link = std::fs::symlink_metadata(&p).map(|m| m.file_type().is_symlink()).unwrap_or(true);
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            if !link {
+                walk_images(&p, out)?;
+            }
+        } else if is_image(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
 impl ImageFolder {
-    /// Lists `root`: if it has sub-folders, each is a class and its images are labelled
-    /// (images directly in `root` are then not used); otherwise its images are unlabelled.
+    /// Lists `root`: if it has sub-folders, each is a class and the images anywhere below it
+    /// are labelled (images directly in `root` are then not used); otherwise its images are
+    /// unlabelled.
     pub fn scan(root: &Path) -> Result<Self> {
         if !root.is_dir() {
             return Err(DataError::io(root, std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory")));
@@ -67,7 +88,9 @@ impl ImageFolder {
             for dir in class_dirs {
                 let label = classes.len() as u32;
                 classes.push(dir.file_name().expect("a directory name").to_string_lossy().into_owned());
-                files.extend(sorted_entries(dir)?.into_iter().filter(|p| is_image(p)).map(|p| (p, Some(label))));
+                let mut images = Vec::new();
+                walk_images(dir, &mut images)?;
+                files.extend(images.into_iter().map(|p| (p, Some(label))));
             }
         }
         if files.is_empty() {
@@ -259,6 +282,9 @@ mod tests {
         }
         std::fs::write(root.join("cat").join("broken.jpg"), b"\xff\xd8\xff\xe0 not really").unwrap();
         std::fs::write(root.join("dog").join("notes.txt"), b"ignored").unwrap();
+        // Nested folders belong to their top-level class.
+        std::fs::create_dir_all(root.join("dog").join("puppies")).unwrap();
+        write_png(&root.join("dog").join("puppies").join("p.png"), 20, 20, |_, _| [10, 10, 200, 255]);
     }
 
     #[test]
@@ -268,12 +294,12 @@ mod tests {
         folder(&root);
         let f = ImageFolder::scan(&root).unwrap();
         assert_eq!(f.classes, ["cat", "dog"]);
-        assert_eq!(f.files.len(), 7); // 6 PNGs + the broken JPEG; not the .txt
+        assert_eq!(f.files.len(), 8); // 7 PNGs + the broken JPEG; not the .txt
         let opts = DecodeOptions { size: 16, channels: 3, max_pixels: 1_000_000 };
         let out = dir.path().join("store");
         let (m, skipped) = pack_folder(&f, &out, &opts, 0.5, false, |_, _| {}).unwrap();
-        assert_eq!((m.count, m.num_classes), (6, 2));
-        assert_eq!(m.class_counts, [3, 3]);
+        assert_eq!((m.count, m.num_classes), (7, 2));
+        assert_eq!(m.class_counts, [3, 4]);
         assert_eq!(m.classes, ["cat", "dog"]);
         assert_eq!(m.skipped["unreadable or corrupt"], 1);
         assert!(skipped.examples[0].contains("broken.jpg"), "{:?}", skipped.examples);
@@ -281,11 +307,11 @@ mod tests {
         // Alpha is dropped (torchvision's convert('RGB')): the dog stays pure blue.
         let dog = set.image(3);
         assert_eq!((dog[0], dog[256], dog[512]), (10, 10, 200));
-        assert_eq!(set.labels.as_ref().unwrap(), &[0, 0, 0, 1, 1, 1]);
+        assert_eq!(set.labels.as_ref().unwrap(), &[0, 0, 0, 1, 1, 1, 1]);
 
         // Too many bad files is an error naming the folder and the count.
         let e = pack_folder(&f, &dir.path().join("s2"), &opts, 0.1, false, |_, _| {}).unwrap_err().to_string();
-        assert!(e.contains("1 of 7 images skipped"), "{e}");
+        assert!(e.contains("1 of 8 images skipped"), "{e}");
         assert!(!dir.path().join("s2").exists());
     }
 

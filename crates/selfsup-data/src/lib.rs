@@ -16,7 +16,7 @@ pub mod shards;
 pub use augment::ViewConfig;
 pub use dataset::ImageSet;
 pub use error::DataError;
-pub use loader::Loader;
+pub use loader::{Loader, LoaderOptions};
 
 /// Which half of a labelled dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

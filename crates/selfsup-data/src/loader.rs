@@ -1,10 +1,13 @@
-//! A deterministic multi-view loader with background prefetch.
+//! A deterministic multi-view loader with worker threads and background prefetch.
 //!
-//! Batch `index` of `epoch` holds the samples at positions `index * batch_size ..` of the
-//! epoch's permutation (drawn from `(seed, epoch)`), and view `v` of sample `i` is augmented
-//! with a generator keyed by `(seed, epoch, i, v)`. So a batch is a pure function of
-//! `(seed, epoch, index)`: thread count and prefetch depth cannot change it, and a resumed run
-//! sees exactly the batches it would have seen. The last partial batch is dropped.
+//! The epoch's permutation is drawn from `(seed, epoch)`. With data-parallel sharding
+//! (`rank` of `world`), it is padded by wrapping to a multiple of `world` and rank `r` takes
+//! positions `r, r + world, ...` (PyTorch's `DistributedSampler`). Batch `index` holds the
+//! shard's samples at `index * batch_size ..`, and view `v` of sample `i` is augmented with a
+//! generator keyed by `(seed, epoch, i, v)`. So a batch is a pure function of
+//! `(seed, epoch, index, rank, world)`: the worker count and prefetch depth cannot change it,
+//! and a resumed run sees exactly the batches it would have seen. The last partial batch is
+//! dropped unless `drop_last` is off.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -18,12 +21,31 @@ use crate::augment::{eval_view, ViewConfig};
 use crate::dataset::ImageSet;
 use crate::error::{DataError, Result};
 
+/// How a loader splits and schedules its work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderOptions {
+    /// Threads that augment a batch's samples (0: rayon's global pool, all cores).
+    pub workers: usize,
+    pub drop_last: bool,
+    /// This process's shard: `rank` of `world` data-parallel processes.
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        Self { workers: 0, drop_last: true, rank: 0, world: 1 }
+    }
+}
+
 /// Produces the augmented views of shuffled batches of an [`ImageSet`].
 pub struct Loader {
     set: Arc<ImageSet>,
     views: Vec<ViewConfig>,
     batch_size: usize,
     seed: u64,
+    opts: LoaderOptions,
+    pool: Option<Arc<rayon::ThreadPool>>,
     order: Mutex<Option<(usize, Arc<Vec<usize>>)>>,
 }
 
@@ -44,11 +66,45 @@ impl Loader {
         for v in &views {
             v.validate(set.c)?;
         }
-        Ok(Self { set, views, batch_size, seed, order: Mutex::new(None) })
+        Ok(Self { set, views, batch_size, seed, opts: LoaderOptions::default(), pool: None, order: Mutex::new(None) })
+    }
+
+    /// Sets the worker count, `drop_last` and the shard.
+    pub fn with_options(mut self, opts: LoaderOptions) -> Result<Self> {
+        if opts.world == 0 || opts.rank >= opts.world {
+            return Err(DataError::config("rank", format!("rank {} of world size {}", opts.rank, opts.world)));
+        }
+        if self.batch_size > self.shard_len(&opts) {
+            return Err(DataError::config(
+                "batch_size",
+                format!("{} is larger than this rank's shard ({} images)", self.batch_size, self.shard_len(&opts)),
+            ));
+        }
+        self.pool = match opts.workers {
+            0 => None,
+            n => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("selfsup-loader-{i}"))
+                    .build()
+                    .map_err(|e| DataError::config("workers", e.to_string()))?,
+            )),
+        };
+        self.opts = opts;
+        Ok(self)
+    }
+
+    fn shard_len(&self, opts: &LoaderOptions) -> usize {
+        self.set.n.div_ceil(opts.world)
     }
 
     pub fn batches_per_epoch(&self) -> usize {
-        self.set.n / self.batch_size
+        let n = self.shard_len(&self.opts);
+        if self.opts.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
     }
 
     pub fn batch_size(&self) -> usize {
@@ -64,6 +120,9 @@ impl Loader {
         }
         let mut order: Vec<usize> = (0..self.set.n).collect();
         Rng::from_keys(&[self.seed, epoch as u64]).shuffle(&mut order);
+        let (rank, world) = (self.opts.rank, self.opts.world);
+        let padded = self.shard_len(&self.opts) * world;
+        let order: Vec<usize> = (rank..padded).step_by(world).map(|p| order[p % order.len()]).collect();
         let order = Arc::new(order);
         *cache = Some((epoch, order.clone()));
         order
@@ -72,7 +131,7 @@ impl Loader {
     /// The indices (into the dataset) of batch `index` of `epoch`.
     pub fn batch_indices(&self, epoch: usize, index: usize) -> Vec<usize> {
         let order = self.order(epoch);
-        order[index * self.batch_size..(index + 1) * self.batch_size].to_vec()
+        order[index * self.batch_size..((index + 1) * self.batch_size).min(order.len())].to_vec()
     }
 
     /// Batch `index` of `epoch`: one (batch, c, size, size) tensor per view, on the CPU.
@@ -87,15 +146,21 @@ impl Loader {
         let set = &*self.set;
         let mut out = Vec::with_capacity(self.views.len());
         for (v, view) in self.views.iter().enumerate() {
-            let per: Vec<Vec<f32>> = ids
-                .par_iter()
-                .map(|&i| {
-                    let mut rng = Rng::from_keys(&[self.seed, epoch as u64, i as u64, v as u64]);
-                    view.apply(set.image(i), set.c, set.h, set.w, &mut rng)
-                })
-                .collect();
+            let work = || -> Vec<Vec<f32>> {
+                ids.par_iter()
+                    .map(|&i| {
+                        let mut rng = Rng::from_keys(&[self.seed, epoch as u64, i as u64, v as u64]);
+                        view.apply(set.image(i), set.c, set.h, set.w, &mut rng)
+                    })
+                    .collect()
+            };
+            let per = match &self.pool {
+                Some(pool) => pool.install(work),
+                None => work(),
+            };
             let data: Vec<f32> = per.concat();
-            out.push(Tensor::from_vec(data, (ids.len(), set.c, view.size, view.size), &Device::Cpu)?);
+            let c = view.out_channels(set.c);
+            out.push(Tensor::from_vec(data, (ids.len(), c, view.size, view.size), &Device::Cpu)?);
         }
         Ok(out)
     }
@@ -192,6 +257,54 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, [2, 3, 4]);
+    }
+
+    fn values(t: &[Tensor]) -> Vec<Vec<f32>> {
+        t.iter().map(|x| x.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    }
+
+    #[test]
+    fn worker_count_does_not_change_batches() {
+        let views = vec![ViewConfig::byol(6, 0, vec![0.5], vec![0.5]), ViewConfig::byol(6, 1, vec![0.5], vec![0.5])];
+        let with = |workers| {
+            let opts = LoaderOptions { workers, ..Default::default() };
+            Loader::new(toy(40), views.clone(), 8, 2).unwrap().with_options(opts).unwrap()
+        };
+        let (one, four) = (with(1), with(4));
+        for (e, i) in [(0, 0), (0, 4), (3, 2)] {
+            assert_eq!(values(&one.batch(e, i).unwrap()), values(&four.batch(e, i).unwrap()));
+        }
+    }
+
+    #[test]
+    fn shards_partition_the_epoch_and_drop_last_is_optional() {
+        let v = vec![ViewConfig::byol(6, 0, vec![0.5], vec![0.5])];
+        let shard = |rank, drop_last| {
+            let opts = LoaderOptions { rank, world: 3, drop_last, workers: 0 };
+            Loader::new(toy(10), v.clone(), 2, 7).unwrap().with_options(opts).unwrap()
+        };
+        // 10 images over 3 ranks: padded to 12, 4 per rank; with drop_last, 2 batches of 2.
+        let mut seen = Vec::new();
+        for rank in 0..3 {
+            let l = shard(rank, true);
+            assert_eq!(l.batches_per_epoch(), 2);
+            seen.extend((0..2).flat_map(|i| l.batch_indices(1, i)));
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 10, "every image is in some rank's shard");
+        let plain = Loader::new(toy(10), v.clone(), 3, 7)
+            .unwrap()
+            .with_options(LoaderOptions { drop_last: false, ..Default::default() })
+            .unwrap();
+        assert_eq!(plain.batches_per_epoch(), 4);
+        assert_eq!(plain.batch(0, 3).unwrap()[0].dims(), [1, 1, 6, 6]);
+        let e = Loader::new(toy(10), v, 2, 7).unwrap().with_options(LoaderOptions {
+            rank: 3,
+            world: 3,
+            ..Default::default()
+        });
+        assert!(e.err().unwrap().to_string().contains("rank 3 of world size 3"));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct RunConfig {
     #[serde(default = "default_device")]
     pub device: String,
     pub data: DataConfig,
+    /// Threads that augment each batch (0: all cores). Batches do not depend on it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub workers: usize,
     pub model: ModelConfig,
     pub objective: ObjectiveConfig,
     /// One recipe per view the objective consumes.
@@ -60,6 +63,10 @@ pub struct OnlineKnnConfig {
     pub bank: usize,
     #[serde(default = "default_knn_queries")]
     pub queries: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_knn_bank() -> usize {

@@ -82,7 +82,9 @@ impl Trainer {
                 set.c
             )
         }
-        let loader = Arc::new(Loader::new(Arc::new(set), cfg.views.clone(), cfg.batch_size, cfg.seed)?);
+        let opts = selfsup_data::LoaderOptions { workers: cfg.workers, ..Default::default() };
+        let loader =
+            Arc::new(Loader::new(Arc::new(set), cfg.views.clone(), cfg.batch_size, cfg.seed)?.with_options(opts)?);
         let online = Vars::new(cfg.seed);
         let objective =
             cfg.objective.build(&cfg.model, &online, &device, cfg.seed).context("building the objective")?;

@@ -91,7 +91,7 @@ pub fn pack(
         std::fs::remove_dir_all(&staging).with_context(|| format!("removing the stale {}", staging.display()))?;
     }
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    pack_into(source, &staging, kind, opts, max_bad)?;
+    pack_into(source, &staging, out, kind, opts, max_bad)?;
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
     }
@@ -100,7 +100,8 @@ pub fn pack(
     Ok(())
 }
 
-fn pack_into(source: &Path, out: &Path, kind: Kind, opts: &DecodeOptions, max_bad: f64) -> Result<()> {
+/// Packs into `staging`; messages name the final location `out`.
+fn pack_into(source: &Path, staging: &Path, out: &Path, kind: Kind, opts: &DecodeOptions, max_bad: f64) -> Result<()> {
     let overwrite = false;
     match kind {
         Kind::Idx | Kind::Cifar => {
@@ -108,7 +109,7 @@ fn pack_into(source: &Path, out: &Path, kind: Kind, opts: &DecodeOptions, max_ba
                 let set =
                     if kind == Kind::Idx { dataset::mnist_family(source, split)? } else { cifar::read(source, split)? };
                 let dest = out.join(split.name());
-                let m = shards::pack_set(&set, &dest, overwrite, &source.display().to_string())?;
+                let m = shards::pack_set(&set, &staging.join(split.name()), overwrite, &source.display().to_string())?;
                 println!(
                     "{}: {} images of {}x{}x{}, {} classes",
                     dest.display(),
@@ -125,10 +126,14 @@ fn pack_into(source: &Path, out: &Path, kind: Kind, opts: &DecodeOptions, max_ba
                 let folder = ImageFolder::scan(&dir)?;
                 let dest = out.join(split.name());
                 let bar = progress_bar(folder.files.len(), &format!("packing {}", dir.display()));
-                let (m, skipped) =
-                    selfsup_data::folder::pack_folder(&folder, &dest, opts, max_bad, overwrite, |done, _| {
-                        bar.set_position(done as u64)
-                    })?;
+                let (m, skipped) = selfsup_data::folder::pack_folder(
+                    &folder,
+                    &staging.join(split.name()),
+                    opts,
+                    max_bad,
+                    overwrite,
+                    |done, _| bar.set_position(done as u64),
+                )?;
                 bar.finish_and_clear();
                 println!(
                     "{}: {} images of {}x{}x{}, {} classes; skipped {}",
