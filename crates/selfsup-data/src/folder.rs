@@ -207,36 +207,29 @@ pub struct Skipped {
     pub examples: Vec<String>,
 }
 
-/// Decodes every image of `folder` (in parallel, written in order) into a shard store at `out`.
-/// `progress(done, total)` is called after each chunk.
-pub fn pack_folder(
+/// Runs `convert` on every file of `folder` (in parallel chunks, results kept in order) and
+/// hands each success to `sink` with its label; failures are skipped, counted by reason and
+/// named. More than `max_bad_fraction` of the files failing is an error.
+pub fn convert_folder(
     folder: &ImageFolder,
-    out: &Path,
-    opts: &DecodeOptions,
     max_bad_fraction: f64,
-    overwrite: bool,
+    convert: impl Fn(&[u8]) -> std::result::Result<Vec<u8>, Skip> + Sync,
+    mut sink: impl FnMut(&[u8], Option<u32>) -> Result<()>,
     mut progress: impl FnMut(usize, usize),
-) -> Result<(Manifest, Skipped)> {
-    if opts.channels != 1 && opts.channels != 3 {
-        return Err(DataError::config("channels", format!("{} is not 1 or 3", opts.channels)));
-    }
-    if opts.size == 0 {
-        return Err(DataError::config("size", "must be positive"));
-    }
-    let mut writer = ShardWriter::create(out, opts.channels, opts.size, opts.size, overwrite)?;
+) -> Result<Skipped> {
     let mut skipped = Skipped::default();
     let total = folder.files.len();
     for (k, chunk) in folder.files.chunks(256).enumerate() {
-        let decoded: Vec<std::result::Result<Vec<u8>, Skip>> = chunk
+        let converted: Vec<std::result::Result<Vec<u8>, Skip>> = chunk
             .par_iter()
             .map(|(path, _)| match std::fs::read(path) {
-                Ok(bytes) => decode(&bytes, opts),
+                Ok(bytes) => convert(&bytes),
                 Err(e) => Err(Skip::Unreadable(e.to_string())),
             })
             .collect();
-        for ((path, label), d) in chunk.iter().zip(decoded) {
-            match d {
-                Ok(pixels) => writer.push(&pixels, *label)?,
+        for ((path, label), r) in chunk.iter().zip(converted) {
+            match r {
+                Ok(record) => sink(&record, *label)?,
                 Err(why) => {
                     *skipped.by_reason.entry(why.reason().to_string()).or_default() += 1;
                     if skipped.examples.len() < 100 {
@@ -259,6 +252,27 @@ pub fn pack_folder(
             ),
         });
     }
+    Ok(skipped)
+}
+
+/// Decodes every image of `folder` into a shard store of fixed-size records at `out`.
+pub fn pack_folder(
+    folder: &ImageFolder,
+    out: &Path,
+    opts: &DecodeOptions,
+    max_bad_fraction: f64,
+    overwrite: bool,
+    progress: impl FnMut(usize, usize),
+) -> Result<(Manifest, Skipped)> {
+    if opts.channels != 1 && opts.channels != 3 {
+        return Err(DataError::config("channels", format!("{} is not 1 or 3", opts.channels)));
+    }
+    if opts.size == 0 {
+        return Err(DataError::config("size", "must be positive"));
+    }
+    let mut writer = ShardWriter::create(out, opts.channels, opts.size, opts.size, overwrite)?;
+    let skipped =
+        convert_folder(folder, max_bad_fraction, |b| decode(b, opts), |px, label| writer.push(px, label), progress)?;
     let manifest =
         writer.finish(folder.classes.clone(), &folder.root.display().to_string(), skipped.by_reason.clone())?;
     Ok((manifest, skipped))

@@ -10,13 +10,17 @@ pub mod dataset;
 pub mod error;
 pub mod folder;
 pub mod idx;
+pub mod lmdb;
 pub mod loader;
 pub mod shards;
+pub mod source;
+pub mod staging;
 
 pub use augment::ViewConfig;
 pub use dataset::ImageSet;
 pub use error::DataError;
 pub use loader::{Loader, LoaderOptions};
+pub use source::{Image, Source};
 
 /// Which half of a labelled dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -8,6 +8,11 @@
 //! `(seed, epoch, index, rank, world)`: the worker count and prefetch depth cannot change it,
 //! and a resumed run sees exactly the batches it would have seen. The last partial batch is
 //! dropped unless `drop_last` is off.
+//!
+//! A record that fails to decode (a corrupt image in an LMDB store) is skipped: its slot takes
+//! the next record of the epoch's order that decodes, so the batch still does not depend on
+//! timing; the record's key and reason are kept ([`Loader::corrupt`]), and once more than
+//! `max_bad_fraction` of the source has failed, `batch` returns an error naming the first.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -18,11 +23,11 @@ use rayon::prelude::*;
 use selfsup_ops::rng::Rng;
 
 use crate::augment::{eval_view, ViewConfig};
-use crate::dataset::ImageSet;
 use crate::error::{DataError, Result};
+use crate::source::{Image, Source};
 
 /// How a loader splits and schedules its work.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoaderOptions {
     /// Threads that augment a batch's samples (0: rayon's global pool, all cores).
     pub workers: usize,
@@ -30,43 +35,63 @@ pub struct LoaderOptions {
     /// This process's shard: `rank` of `world` data-parallel processes.
     pub rank: usize,
     pub world: usize,
+    /// Stop when more than this fraction of the records has failed to decode.
+    pub max_bad_fraction: f64,
 }
 
 impl Default for LoaderOptions {
     fn default() -> Self {
-        Self { workers: 0, drop_last: true, rank: 0, world: 1 }
+        Self { workers: 0, drop_last: true, rank: 0, world: 1, max_bad_fraction: 0.01 }
     }
 }
 
-/// Produces the augmented views of shuffled batches of an [`ImageSet`].
+/// A batch: one (batch, c, size, size) tensor per view, and the dataset index of each sample
+/// (after any substitution of a corrupt record).
+pub struct Batch {
+    pub views: Vec<Tensor>,
+    pub indices: Vec<usize>,
+}
+
+/// Produces the augmented views of shuffled batches of a [`Source`].
 pub struct Loader {
-    set: Arc<ImageSet>,
+    set: Arc<dyn Source>,
     views: Vec<ViewConfig>,
     batch_size: usize,
     seed: u64,
     opts: LoaderOptions,
     pool: Option<Arc<rayon::ThreadPool>>,
     order: Mutex<Option<(usize, Arc<Vec<usize>>)>>,
+    /// Records that failed to decode: index -> "key: reason".
+    bad: Mutex<std::collections::BTreeMap<usize, String>>,
 }
 
 impl Loader {
-    pub fn new(set: Arc<ImageSet>, views: Vec<ViewConfig>, batch_size: usize, seed: u64) -> Result<Self> {
+    pub fn new(set: Arc<dyn Source>, views: Vec<ViewConfig>, batch_size: usize, seed: u64) -> Result<Self> {
         if batch_size == 0 {
             return Err(DataError::config("batch_size", "must be positive"));
         }
-        if batch_size > set.n {
+        if batch_size > set.len() {
             return Err(DataError::config(
                 "batch_size",
-                format!("{batch_size} is larger than the dataset ({} images)", set.n),
+                format!("{batch_size} is larger than the dataset ({} images)", set.len()),
             ));
         }
         if views.is_empty() {
             return Err(DataError::config("views", "at least one view is needed"));
         }
         for v in &views {
-            v.validate(set.c)?;
+            v.validate(set.channels())?;
         }
-        Ok(Self { set, views, batch_size, seed, opts: LoaderOptions::default(), pool: None, order: Mutex::new(None) })
+        Ok(Self {
+            set,
+            views,
+            batch_size,
+            seed,
+            opts: LoaderOptions::default(),
+            pool: None,
+            order: Mutex::new(None),
+            bad: Mutex::new(Default::default()),
+        })
     }
 
     /// Sets the worker count, `drop_last` and the shard.
@@ -95,7 +120,7 @@ impl Loader {
     }
 
     fn shard_len(&self, opts: &LoaderOptions) -> usize {
-        self.set.n.div_ceil(opts.world)
+        self.set.len().div_ceil(opts.world)
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -118,7 +143,7 @@ impl Loader {
                 return o.clone();
             }
         }
-        let mut order: Vec<usize> = (0..self.set.n).collect();
+        let mut order: Vec<usize> = (0..self.set.len()).collect();
         Rng::from_keys(&[self.seed, epoch as u64]).shuffle(&mut order);
         let (rank, world) = (self.opts.rank, self.opts.world);
         let padded = self.shard_len(&self.opts) * world;
@@ -134,35 +159,89 @@ impl Loader {
         order[index * self.batch_size..((index + 1) * self.batch_size).min(order.len())].to_vec()
     }
 
+    /// Records that failed to decode so far, as "key: reason".
+    pub fn corrupt(&self) -> Vec<String> {
+        self.bad.lock().expect("loader lock poisoned").values().cloned().collect()
+    }
+
+    /// The image at position `pos` of the epoch's order, or the next one that decodes.
+    fn decoded(&self, order: &[usize], pos: usize) -> Result<(usize, Image<'_>)> {
+        for k in 0..order.len() {
+            let i = order[(pos + k) % order.len()];
+            if self.bad.lock().expect("loader lock poisoned").contains_key(&i) {
+                continue;
+            }
+            match self.set.image(i) {
+                Ok(img) => return Ok((i, img)),
+                Err(e) => {
+                    let mut bad = self.bad.lock().expect("loader lock poisoned");
+                    bad.insert(i, e.to_string());
+                    if bad.len() as f64 > self.opts.max_bad_fraction * self.set.len() as f64 {
+                        return Err(DataError::config(
+                            "source",
+                            format!(
+                                "{} of {} records failed to decode, more than the allowed fraction {} (first: {})",
+                                bad.len(),
+                                self.set.len(),
+                                self.opts.max_bad_fraction,
+                                bad.values().next().expect("one at least")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Err(DataError::config("source", "no record decodes"))
+    }
+
     /// Batch `index` of `epoch`: one (batch, c, size, size) tensor per view, on the CPU.
     pub fn batch(&self, epoch: usize, index: usize) -> Result<Vec<Tensor>> {
+        Ok(self.batch_with_indices(epoch, index)?.views)
+    }
+
+    /// [`batch`](Self::batch) with the dataset index behind each sample.
+    pub fn batch_with_indices(&self, epoch: usize, index: usize) -> Result<Batch> {
         if index >= self.batches_per_epoch() {
             return Err(DataError::config(
                 "batch index",
                 format!("{index} >= {} batches per epoch", self.batches_per_epoch()),
             ));
         }
-        let ids = self.batch_indices(epoch, index);
-        let set = &*self.set;
-        let mut out = Vec::with_capacity(self.views.len());
+        let order = self.order(epoch);
+        let positions: Vec<usize> =
+            (index * self.batch_size..((index + 1) * self.batch_size).min(order.len())).collect();
+        let work = || -> Result<Vec<(usize, Vec<Vec<f32>>)>> {
+            positions
+                .par_iter()
+                .map(|&pos| {
+                    let slot = order[pos];
+                    let (i, img) = self.decoded(&order, pos)?;
+                    let views = self
+                        .views
+                        .iter()
+                        .enumerate()
+                        .map(|(v, view)| {
+                            // Keyed by the slot, so a substitute draws what the slot would have.
+                            let mut rng = Rng::from_keys(&[self.seed, epoch as u64, slot as u64, v as u64]);
+                            view.apply(&img.pixels, img.c, img.h, img.w, &mut rng)
+                        })
+                        .collect();
+                    Ok((i, views))
+                })
+                .collect()
+        };
+        let samples = match &self.pool {
+            Some(pool) => pool.install(work)?,
+            None => work()?,
+        };
+        let c = self.set.channels();
+        let mut views = Vec::with_capacity(self.views.len());
         for (v, view) in self.views.iter().enumerate() {
-            let work = || -> Vec<Vec<f32>> {
-                ids.par_iter()
-                    .map(|&i| {
-                        let mut rng = Rng::from_keys(&[self.seed, epoch as u64, i as u64, v as u64]);
-                        view.apply(set.image(i), set.c, set.h, set.w, &mut rng)
-                    })
-                    .collect()
-            };
-            let per = match &self.pool {
-                Some(pool) => pool.install(work),
-                None => work(),
-            };
-            let data: Vec<f32> = per.concat();
-            let c = view.out_channels(set.c);
-            out.push(Tensor::from_vec(data, (ids.len(), c, view.size, view.size), &Device::Cpu)?);
+            let data: Vec<f32> = samples.iter().flat_map(|(_, vs)| vs[v].iter().copied()).collect();
+            let shape = (samples.len(), view.out_channels(c), view.size, view.size);
+            views.push(Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
-        Ok(out)
+        Ok(Batch { views, indices: samples.into_iter().map(|(i, _)| i).collect() })
     }
 
     /// Batches for global steps `start..end` (step `s` is batch `s % per_epoch` of epoch
@@ -173,7 +252,7 @@ impl Loader {
         let handle = std::thread::spawn(move || {
             let per_epoch = me.batches_per_epoch();
             for step in start..end {
-                let batch = me.batch(step / per_epoch, step % per_epoch);
+                let batch = me.batch_with_indices(step / per_epoch, step % per_epoch);
                 if tx.send((step, batch)).is_err() {
                     break; // the consumer hung up
                 }
@@ -183,14 +262,14 @@ impl Loader {
     }
 }
 
-/// Iterator over prefetched `(step, views)`.
+/// Iterator over prefetched `(step, batch)`.
 pub struct Prefetch {
-    rx: Option<Receiver<(usize, Result<Vec<Tensor>>)>>,
+    rx: Option<Receiver<(usize, Result<Batch>)>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Iterator for Prefetch {
-    type Item = (usize, Result<Vec<Tensor>>);
+    type Item = (usize, Result<Batch>);
     fn next(&mut self) -> Option<Self::Item> {
         self.rx.as_ref()?.recv().ok()
     }
@@ -207,15 +286,29 @@ impl Drop for Prefetch {
 }
 
 /// Deterministic evaluation views of images `start..end`: (n, c, size, size).
-pub fn eval_batch(set: &ImageSet, start: usize, end: usize, size: usize, mean: &[f32], std: &[f32]) -> Result<Tensor> {
-    let per: Vec<Vec<f32>> =
-        (start..end).into_par_iter().map(|i| eval_view(set.image(i), set.c, set.h, set.w, size, mean, std)).collect();
-    Ok(Tensor::from_vec(per.concat(), (end - start, set.c, size, size), &Device::Cpu)?)
+pub fn eval_batch(
+    set: &dyn Source,
+    start: usize,
+    end: usize,
+    size: usize,
+    mean: &[f32],
+    std: &[f32],
+) -> Result<Tensor> {
+    let per: Vec<Vec<f32>> = (start..end)
+        .into_par_iter()
+        .map(|i| {
+            let img = set.image(i)?;
+            Ok(eval_view(&img.pixels, img.c, img.h, img.w, size, mean, std))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Tensor::from_vec(per.concat(), (end - start, set.channels(), size, size), &Device::Cpu)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::dataset::ImageSet;
 
     fn toy(n: usize) -> Arc<ImageSet> {
         let pixels: Vec<u8> = (0..n * 8 * 8).map(|i| (i * 7 % 256) as u8).collect();
@@ -247,7 +340,7 @@ mod tests {
         let steps: Vec<usize> = a
             .prefetch(2, 5, 2)
             .map(|(s, r)| {
-                let v = r.unwrap();
+                let v = r.unwrap().views;
                 let want = a.batch(s / 3, s % 3).unwrap();
                 assert_eq!(
                     v[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -280,7 +373,7 @@ mod tests {
     fn shards_partition_the_epoch_and_drop_last_is_optional() {
         let v = vec![ViewConfig::byol(6, 0, vec![0.5], vec![0.5])];
         let shard = |rank, drop_last| {
-            let opts = LoaderOptions { rank, world: 3, drop_last, workers: 0 };
+            let opts = LoaderOptions { rank, world: 3, drop_last, ..Default::default() };
             Loader::new(toy(10), v.clone(), 2, 7).unwrap().with_options(opts).unwrap()
         };
         // 10 images over 3 ranks: padded to 12, 4 per rank; with drop_last, 2 batches of 2.
@@ -305,6 +398,49 @@ mod tests {
             ..Default::default()
         });
         assert!(e.err().unwrap().to_string().contains("rank 3 of world size 3"));
+    }
+
+    /// An LMDB store with two corrupt records among twenty PNGs.
+    fn damaged_store(dir: &std::path::Path) -> Arc<dyn Source> {
+        let set = crate::dataset::synthetic_stripes(20, 8, 2, 3);
+        let clean = dir.join("clean");
+        crate::lmdb::pack_set(&set, &clean, false, "t").unwrap();
+        let store = crate::lmdb::LmdbStore::open(&clean).unwrap();
+        let out = dir.join("damaged");
+        let mut w = crate::lmdb::LmdbWriter::create(&out, 1, 1 << 20, false).unwrap();
+        for i in 0..20 {
+            let bytes = if i == 3 || i == 7 { b"corrupt".to_vec() } else { store.encoded(i).unwrap() };
+            w.push(&bytes, store.label(i)).unwrap();
+        }
+        w.finish(vec![], "t", Default::default()).unwrap();
+        Arc::new(crate::lmdb::LmdbStore::open(&out).unwrap())
+    }
+
+    #[test]
+    fn corrupt_records_are_skipped_counted_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = damaged_store(dir.path());
+        let views = vec![ViewConfig::byol(6, 0, vec![0.5], vec![0.5])];
+        let with = |workers, max_bad_fraction| {
+            let opts = LoaderOptions { workers, max_bad_fraction, ..Default::default() };
+            Loader::new(store.clone(), views.clone(), 5, 1).unwrap().with_options(opts).unwrap()
+        };
+        let (one, four) = (with(1, 0.2), with(4, 0.2));
+        for e in 0..2 {
+            for i in 0..4 {
+                let (a, b) = (one.batch_with_indices(e, i).unwrap(), four.batch_with_indices(e, i).unwrap());
+                assert!(!a.indices.contains(&3) && !a.indices.contains(&7), "{:?}", a.indices);
+                assert_eq!(a.indices, b.indices);
+                assert_eq!(values(&a.views), values(&b.views));
+            }
+        }
+        let bad = one.corrupt();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(bad[0].contains("record 3"), "{bad:?}");
+        // Above the allowed fraction the loader stops, naming a record.
+        let strict = with(1, 0.05);
+        let e = (0..4).find_map(|i| strict.batch(0, i).err()).expect("an error").to_string();
+        assert!(e.contains("2 of 20 records failed to decode") && e.contains("record"), "{e}");
     }
 
     #[test]

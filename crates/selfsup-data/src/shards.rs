@@ -59,7 +59,6 @@ pub struct Manifest {
 pub struct ShardWriter {
     out: PathBuf,
     partial: PathBuf,
-    overwrite: bool,
     record: usize,
     dims: (usize, usize, usize),
     per_shard: usize,
@@ -85,24 +84,11 @@ impl ShardWriter {
         if c == 0 || h == 0 || w == 0 {
             return Err(DataError::config("image size", format!("{c}x{h}x{w} has a zero side")));
         }
-        if out.exists() && !overwrite {
-            return Err(DataError::config(
-                "output",
-                format!("{} exists; pass --overwrite to replace it", out.display()),
-            ));
-        }
-        let name =
-            out.file_name().ok_or_else(|| DataError::config("output", format!("{} has no name", out.display())))?;
-        let partial = out.with_file_name(format!("{}.partial", name.to_string_lossy()));
-        if partial.exists() {
-            io(&partial, std::fs::remove_dir_all(&partial))?;
-        }
-        io(&partial, std::fs::create_dir_all(&partial))?;
+        let partial = crate::staging::begin(out, overwrite)?;
         let record = c * h * w;
         Ok(Self {
             out: out.to_path_buf(),
             partial,
-            overwrite,
             record,
             dims: (c, h, w),
             per_shard: (SHARD_BYTES / record).max(1),
@@ -173,14 +159,8 @@ impl ShardWriter {
             return Err(DataError::Empty { path: PathBuf::from(source) });
         }
         let labelled = !self.labels.is_empty();
-        let num_classes = if labelled {
-            let max = self.labels.iter().max().map_or(0, |&m| m as usize + 1);
-            max.max(classes.len())
-        } else {
-            0
-        };
-        let mut class_counts = vec![0usize; num_classes];
-        self.labels.iter().for_each(|&l| class_counts[l as usize] += 1);
+        let class_counts = crate::staging::class_counts(&self.labels, classes.len());
+        let num_classes = class_counts.len();
         if labelled {
             let path = self.partial.join("labels.u32");
             let bytes: Vec<u8> = self.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
@@ -208,13 +188,7 @@ impl ShardWriter {
         let text = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
         io(&path, std::fs::write(&path, text))?;
         sync_file(&path)?;
-        if self.out.exists() && self.overwrite {
-            io(&self.out, std::fs::remove_dir_all(&self.out))?;
-        }
-        io(&self.out, std::fs::rename(&self.partial, &self.out))?;
-        if let Some(parent) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = File::open(parent).and_then(|d| d.sync_all());
-        }
+        crate::staging::commit(&self.partial, &self.out)?;
         Ok(manifest)
     }
 }

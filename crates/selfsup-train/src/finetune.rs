@@ -395,8 +395,9 @@ pub fn finetune(
     let start = Instant::now();
     for (step, views) in loader.prefetch(0, total, 2) {
         let (epoch, index) = (step / per_epoch, step % per_epoch);
-        let xs = views?.remove(0).to_device(device)?;
-        let ids = loader.batch_indices(epoch, index);
+        let batch = views?;
+        let ids = batch.indices;
+        let xs = batch.views[0].to_device(device)?;
         let ys: Vec<u32> = ids.iter().map(|&i| train_labels[i]).collect();
         let ys = Tensor::from_vec(ys, ids.len(), device)?;
         let key = Rng::from_keys(&[cfg.seed, step as u64, 0xf1e7]).next_u64();

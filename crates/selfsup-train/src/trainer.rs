@@ -286,8 +286,9 @@ impl Trainer {
         let mut window_steps = 0usize;
         let mut last_loss = f64::NAN;
         for (step, views) in self.loader.prefetch(self.step, stop, 2) {
-            let views =
-                views.with_context(|| format!("loading batch {} of epoch {}", step % per_epoch, step / per_epoch))?;
+            let views = views
+                .with_context(|| format!("loading batch {} of epoch {}", step % per_epoch, step / per_epoch))?
+                .views;
             let views = views.iter().map(|v| v.to_device(&self.device)).collect::<candle_core::Result<Vec<_>>>()?;
             let p = progress(step, self.total_steps);
             let key = Rng::from_keys(&[self.cfg.seed, step as u64, 0x57e9]).next_u64();

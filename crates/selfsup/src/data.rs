@@ -13,6 +13,7 @@ enum Kind {
     Cifar,
     Folder,
     Shards,
+    Lmdb,
     PackedSplits,
 }
 
@@ -23,7 +24,9 @@ fn detect(path: &Path) -> Result<Kind> {
     let has = |name: &str| path.join(name).is_file() || path.join(format!("{name}.gz")).is_file();
     Ok(if path.join("manifest.json").is_file() {
         Kind::Shards
-    } else if path.join("train/manifest.json").is_file() {
+    } else if path.join("data.mdb").is_file() {
+        Kind::Lmdb
+    } else if path.join("train/manifest.json").is_file() || path.join("train/data.mdb").is_file() {
         Kind::PackedSplits
     } else if has("train-images-idx3-ubyte") || has("t10k-images-idx3-ubyte") {
         Kind::Idx
@@ -65,10 +68,30 @@ fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// The store kind `pack` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Memory-mapped shards of decoded, fixed-size records.
+    Shards,
+    /// LMDB of encoded images, decoded when read.
+    Lmdb,
+}
+
+impl Store {
+    pub fn named(name: &str) -> Result<Self> {
+        match name {
+            "shards" => Ok(Store::Shards),
+            "lmdb" => Ok(Store::Lmdb),
+            other => bail!("--to {other:?}: expected shards or lmdb"),
+        }
+    }
+}
+
 pub fn pack(
     source: &Path,
     out: &Path,
     format: &str,
+    store: Store,
     opts: &DecodeOptions,
     max_bad: f64,
     overwrite: bool,
@@ -80,8 +103,8 @@ pub fn pack(
     if !(0.0..=1.0).contains(&max_bad) {
         bail!("--max-bad {max_bad} is not a fraction in [0, 1]")
     }
-    if kind == Kind::Folder && opts.size == 0 {
-        bail!("packing an image folder needs --size (records are fixed-size)")
+    if kind == Kind::Folder && store == Store::Shards && opts.size == 0 {
+        bail!("packing an image folder into shards needs --size (records are fixed-size)")
     }
     // Everything goes into `<out>.partial` and is renamed into place at the end, so a pack that
     // fails or is interrupted half way leaves no `<out>` that looks complete.
@@ -91,7 +114,7 @@ pub fn pack(
         std::fs::remove_dir_all(&staging).with_context(|| format!("removing the stale {}", staging.display()))?;
     }
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    pack_into(source, &staging, out, kind, opts, max_bad)?;
+    pack_into(source, &staging, out, kind, store, opts, max_bad)?;
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
     }
@@ -101,7 +124,15 @@ pub fn pack(
 }
 
 /// Packs into `staging`; messages name the final location `out`.
-fn pack_into(source: &Path, staging: &Path, out: &Path, kind: Kind, opts: &DecodeOptions, max_bad: f64) -> Result<()> {
+fn pack_into(
+    source: &Path,
+    staging: &Path,
+    out: &Path,
+    kind: Kind,
+    store: Store,
+    opts: &DecodeOptions,
+    max_bad: f64,
+) -> Result<()> {
     let overwrite = false;
     match kind {
         Kind::Idx | Kind::Cifar => {
@@ -126,31 +157,40 @@ fn pack_into(source: &Path, staging: &Path, out: &Path, kind: Kind, opts: &Decod
                 let folder = ImageFolder::scan(&dir)?;
                 let dest = out.join(split.name());
                 let bar = progress_bar(folder.files.len(), &format!("packing {}", dir.display()));
-                let (m, skipped) = selfsup_data::folder::pack_folder(
-                    &folder,
-                    &staging.join(split.name()),
-                    opts,
-                    max_bad,
-                    overwrite,
-                    |done, _| bar.set_position(done as u64),
-                )?;
+                let at = staging.join(split.name());
+                let tick = |done: usize, _| bar.set_position(done as u64);
+                let (what, skipped) = match store {
+                    Store::Shards => {
+                        let (m, sk) = selfsup_data::folder::pack_folder(&folder, &at, opts, max_bad, overwrite, tick)?;
+                        (
+                            format!(
+                                "{} images of {}x{}x{}, {} classes",
+                                m.count, m.channels, m.height, m.width, m.num_classes
+                            ),
+                            sk,
+                        )
+                    }
+                    Store::Lmdb => {
+                        let (m, sk) = selfsup_data::lmdb::pack_folder(&folder, &at, opts, max_bad, overwrite, tick)?;
+                        (
+                            format!(
+                                "{} encoded images ({} channels when decoded), {} classes",
+                                m.count, m.channels, m.num_classes
+                            ),
+                            sk,
+                        )
+                    }
+                };
                 bar.finish_and_clear();
-                println!(
-                    "{}: {} images of {}x{}x{}, {} classes; skipped {}",
-                    dest.display(),
-                    m.count,
-                    m.channels,
-                    m.height,
-                    m.width,
-                    m.num_classes,
-                    if skipped.by_reason.is_empty() { "none".to_string() } else { format!("{:?}", skipped.by_reason) }
-                );
+                let skipped_text =
+                    if skipped.by_reason.is_empty() { "none".to_string() } else { format!("{:?}", skipped.by_reason) };
+                println!("{}: {what}; skipped {skipped_text}", dest.display());
                 for e in skipped.examples.iter().take(10) {
                     eprintln!("  skipped {e}");
                 }
             }
         }
-        Kind::Shards | Kind::PackedSplits => bail!("{} is already a shard store", source.display()),
+        Kind::Shards | Kind::Lmdb | Kind::PackedSplits => bail!("{} is already a packed store", source.display()),
     }
     Ok(())
 }
@@ -170,6 +210,37 @@ fn describe(name: &str, set: &ImageSet, classes: &[String]) {
     }
 }
 
+fn describe_lmdb(path: &Path) -> Result<()> {
+    use selfsup_data::Source;
+    let store = selfsup_data::lmdb::LmdbStore::open(path)?;
+    let m = &store.manifest;
+    println!("{}: {} encoded images, decoded to {} channels", path.display(), m.count, m.channels);
+    if m.labelled {
+        println!("  {} classes; per class:", m.num_classes);
+        for (c, n) in m.class_counts.iter().enumerate() {
+            let name = m.classes.get(c).cloned().unwrap_or_else(|| c.to_string());
+            println!("    {name:<20} {n}");
+        }
+    } else {
+        println!("  unlabelled");
+    }
+    if !m.skipped.is_empty() {
+        println!("  skipped when packed: {:?}", m.skipped);
+    }
+    // Image sizes from the records' headers, by the longer side.
+    let mut sizes = std::collections::BTreeMap::<(u32, u32), usize>::new();
+    for i in 0..store.len() {
+        let bytes = store.encoded(i)?;
+        let r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+        if let Ok(dims) = r.into_dimensions() {
+            *sizes.entry(dims).or_default() += 1;
+        }
+    }
+    let shown: Vec<String> = sizes.iter().take(10).map(|((w, h), n)| format!("{w}x{h}: {n}")).collect();
+    println!("  sizes (w x h): {}{}", shown.join(", "), if sizes.len() > 10 { ", ..." } else { "" });
+    Ok(())
+}
+
 pub fn info(path: &Path) -> Result<()> {
     match detect(path)? {
         Kind::Shards => {
@@ -179,10 +250,13 @@ pub fn info(path: &Path) -> Result<()> {
                 println!("  skipped when packed: {:?}", m.skipped);
             }
         }
+        Kind::Lmdb => describe_lmdb(path)?,
         Kind::PackedSplits => {
             for split in [Split::Train, Split::Test] {
                 let dir = path.join(split.name());
-                if dir.is_dir() {
+                if dir.join("data.mdb").is_file() {
+                    describe_lmdb(&dir)?;
+                } else if dir.is_dir() {
                     let m = shards::read_manifest(&dir)?;
                     describe(&dir.display().to_string(), &shards::open(&dir)?, &m.classes);
                 }

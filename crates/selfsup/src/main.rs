@@ -185,15 +185,19 @@ enum EvalCommand {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Pack a source (IDX or CIFAR directory, image folder) into memory-mapped shard stores
-    /// `<out>/train` and `<out>/test` (a folder without train/ and test|val/ sub-folders
-    /// becomes `<out>/train`).
+    /// Pack a source (IDX or CIFAR directory, image folder) into stores `<out>/train` and
+    /// `<out>/test` (a folder without train/ and test|val/ sub-folders becomes `<out>/train`):
+    /// memory-mapped shards, or LMDB with `--to lmdb`.
     Pack {
         source: PathBuf,
         out: PathBuf,
         /// `auto`, `idx`, `cifar` or `folder`.
         #[arg(long, default_value = "auto")]
         format: String,
+        /// `shards` (decoded, fixed-size, memory-mapped) or `lmdb` (encoded images as they are,
+        /// decoded when read).
+        #[arg(long, default_value = "shards")]
+        to: String,
         /// Image folders: output side (shorter side resized, then centre-cropped).
         #[arg(long)]
         size: Option<usize>,
@@ -292,10 +296,10 @@ fn run(cli: Cli) -> Result<()> {
             eval_finetune(run, preset, cfg, baselines, json)
         }
         Command::Data {
-            command: DataCommand::Pack { source, out, format, size, channels, max_pixels, max_bad, overwrite },
+            command: DataCommand::Pack { source, out, format, to, size, channels, max_pixels, max_bad, overwrite },
         } => {
             let opts = selfsup_data::folder::DecodeOptions { size: size.unwrap_or(0), channels, max_pixels };
-            data::pack(&source, &out, &format, &opts, max_bad, overwrite)
+            data::pack(&source, &out, &format, data::Store::named(&to)?, &opts, max_bad, overwrite)
         }
         Command::Data { command: DataCommand::Info { path } } => data::info(&path),
         Command::Report { run_dir, font } => {

@@ -296,13 +296,32 @@ fn data_pack_info_and_training_from_shards() {
     let out = root.path().join("folder-packed");
     let args = ["data", "pack", folder.to_str().unwrap(), out.to_str().unwrap(), "--channels", "1"];
     let o = selfsup(&args);
-    assert_fails_with(&o, &["needs --size"]);
+    assert_fails_with(&o, &["into shards needs --size"]);
     let o = selfsup(&[&args[..], &["--size", "8", "--max-bad", "0.5"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("8 images of 1x8x8, 2 classes; skipped {\"unreadable or corrupt\": 1}"), "{stdout}");
     assert!(stdout.contains("4 images of 1x8x8, 2 classes; skipped none"), "{stdout}");
     assert!(stderr(&o).contains("bad.png"), "{}", stderr(&o));
+    // The same folder into LMDB: original bytes kept, no --size needed.
+    let lmdb = root.path().join("folder-lmdb");
+    let o = selfsup(&[
+        "data",
+        "pack",
+        folder.to_str().unwrap(),
+        lmdb.to_str().unwrap(),
+        "--to",
+        "lmdb",
+        "--max-bad",
+        "0.5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("8 encoded images (3 channels when decoded), 2 classes"));
+    let o = selfsup(&["data", "info", lmdb.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(info.contains("sizes (w x h): 20x12: 8") && info.contains("unreadable or corrupt"), "{info}");
+
     let o = selfsup(&["data", "info", folder.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let info = String::from_utf8_lossy(&o.stdout);
