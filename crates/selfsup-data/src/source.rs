@@ -6,6 +6,7 @@
 //! which the loader skips and counts.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::dataset::ImageSet;
 use crate::error::Result;
@@ -33,6 +34,45 @@ pub trait Source: Send + Sync {
     /// The record's key, for messages.
     fn key(&self, i: usize) -> String {
         format!("record {i}")
+    }
+    /// Every label, or `None` for an unlabelled source.
+    fn labels(&self) -> Option<Vec<u32>> {
+        (0..self.len()).map(|i| self.label(i)).collect()
+    }
+}
+
+/// The first `n` records of a source (all, if it has fewer).
+pub fn take(src: Arc<dyn Source>, n: usize) -> Arc<dyn Source> {
+    if n >= src.len() {
+        return src;
+    }
+    Arc::new(Take { inner: src, n })
+}
+
+struct Take {
+    inner: Arc<dyn Source>,
+    n: usize,
+}
+
+impl Source for Take {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn channels(&self) -> usize {
+        self.inner.channels()
+    }
+    fn label(&self, i: usize) -> Option<u32> {
+        self.inner.label(i)
+    }
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+    fn image(&self, i: usize) -> Result<Image<'_>> {
+        assert!(i < self.n, "record {i} of the first {}", self.n);
+        self.inner.image(i)
+    }
+    fn key(&self, i: usize) -> String {
+        self.inner.key(i)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Feature extraction: pooled backbone features over a dataset, in evaluation mode.
 
 use candle_core::{Device, Result, Tensor};
-use selfsup_data::{loader::eval_batch, ImageSet};
+use selfsup_data::{loader::eval_batch, Source};
 use selfsup_models::{Backbone, Mode};
 
 /// How evaluation views are made: the whole image resized to `size`, then normalised.
@@ -15,14 +15,15 @@ pub struct EvalTransform {
 /// Pooled features (n, d) of every image of `set`, `batch` images at a time.
 pub fn extract(
     backbone: &dyn Backbone,
-    set: &ImageSet,
+    set: &dyn Source,
     t: &EvalTransform,
     batch: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut out = Vec::with_capacity(set.n.div_ceil(batch.max(1)));
-    for start in (0..set.n).step_by(batch.max(1)) {
-        let end = (start + batch).min(set.n);
+    let n = set.len();
+    let mut out = Vec::with_capacity(n.div_ceil(batch.max(1)));
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch).min(n);
         let xs =
             eval_batch(set, start, end, t.size, &t.mean, &t.std).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let feats = backbone.forward_pooled(&xs.to_device(device)?, Mode::Eval)?.detach();
@@ -32,9 +33,26 @@ pub fn extract(
 }
 
 /// Raw pixels in [0, 1] as features (n, c*h*w): the baseline any learned feature should beat.
-pub fn raw_pixels(set: &ImageSet) -> Result<Tensor> {
-    let v: Vec<f32> = (0..set.n).flat_map(|i| set.image(i).iter().map(|&p| p as f32 / 255.0)).collect();
-    Tensor::from_vec(v, (set.n, set.c * set.h * set.w), &Device::Cpu)
+/// Every image must have the size of the first.
+pub fn raw_pixels(set: &dyn Source) -> Result<Tensor> {
+    let err = |e: selfsup_data::DataError| candle_core::Error::Msg(e.to_string());
+    let first = set.image(0).map_err(err)?;
+    let dims = (first.c, first.h, first.w);
+    let mut v = Vec::with_capacity(set.len() * first.pixels.len());
+    for i in 0..set.len() {
+        let img = set.image(i).map_err(err)?;
+        if (img.c, img.h, img.w) != dims {
+            candle_core::bail!(
+                "raw pixels need images of one size: {} is {}x{}x{}, the first {dims:?}",
+                set.key(i),
+                img.c,
+                img.h,
+                img.w
+            )
+        }
+        v.extend(img.pixels.iter().map(|&p| p as f32 / 255.0));
+    }
+    Tensor::from_vec(v, (set.len(), dims.0 * dims.1 * dims.2), &Device::Cpu)
 }
 
 #[cfg(test)]

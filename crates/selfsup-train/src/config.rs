@@ -96,6 +96,8 @@ pub enum DataFormat {
     Cifar,
     /// A directory of shard stores `train/` and `test/` (`selfsup data pack`).
     Shards,
+    /// A directory of LMDB stores `train/` and `test/` (`selfsup data pack --to lmdb`).
+    Lmdb,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use selfsup_data::augment::ViewConfig;
 use selfsup_data::loader::eval_batch;
-use selfsup_data::{ImageSet, Loader};
+use selfsup_data::{Loader, Source};
 use selfsup_eval::features::EvalTransform;
 use selfsup_eval::linear::accuracy;
 use selfsup_models::{Arch, Backbone, Mode, ModelConfig, Vars};
@@ -322,10 +322,10 @@ impl Classifier {
     }
 
     /// Logits of every image of `set`, in evaluation mode, `batch` at a time.
-    pub fn predict(&self, set: &ImageSet, t: &EvalTransform, batch: usize, device: &Device) -> Result<Tensor> {
+    pub fn predict(&self, set: &dyn Source, t: &EvalTransform, batch: usize, device: &Device) -> Result<Tensor> {
         let mut out = Vec::new();
-        for start in (0..set.n).step_by(batch.max(1)) {
-            let end = (start + batch).min(set.n);
+        for start in (0..set.len()).step_by(batch.max(1)) {
+            let end = (start + batch).min(set.len());
             let xs = eval_batch(set, start, end, t.size, &t.mean, &t.std)?;
             out.push(self.logits(&xs.to_device(device)?, Mode::Eval)?.detach().to_device(&Device::Cpu)?);
         }
@@ -340,8 +340,8 @@ pub fn finetune(
     backbone: Box<dyn Backbone>,
     vars: &Vars,
     rule: &LayerDecayRule,
-    train: Arc<ImageSet>,
-    test: &ImageSet,
+    train: Arc<dyn Source>,
+    test: &dyn Source,
     num_classes: usize,
     eval: &EvalTransform,
     cfg: &FinetuneConfig,
@@ -349,8 +349,8 @@ pub fn finetune(
     mut progress: impl FnMut(usize, f64),
 ) -> Result<FinetuneResult> {
     cfg.validate()?;
-    let train_labels = train.labels.clone().context("fine-tuning: the training split has no labels")?;
-    let test_labels = test.labels.clone().context("fine-tuning: the test split has no labels")?;
+    let train_labels = train.labels().context("fine-tuning: the training split has no labels")?;
+    let test_labels = test.labels().context("fine-tuning: the test split has no labels")?;
     if let Some(&bad) = train_labels.iter().find(|&&l| l as usize >= num_classes) {
         bail!("fine-tuning: training label {bad} is not below num_classes = {num_classes}")
     }

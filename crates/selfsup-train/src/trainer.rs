@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use selfsup_data::{dataset, ImageSet, Loader, Split};
+use selfsup_data::source::take;
+use selfsup_data::{dataset, Loader, Source, Split};
 use selfsup_models::Vars;
 use selfsup_objectives::{Objective, Step};
 use selfsup_ops::rng::Rng;
@@ -26,14 +27,15 @@ use crate::optim::{Optimizer, Param};
 use crate::schedule::{progress, warmup_cosine};
 
 /// Loads a split of the configured dataset (honouring `limit` for the training split).
-pub fn load_split(data: &DataConfig, split: Split) -> Result<ImageSet> {
-    let set = match data.format {
-        DataFormat::Idx => dataset::mnist_family(&data.path, split)?,
-        DataFormat::Cifar => selfsup_data::cifar::read(&data.path, split)?,
-        DataFormat::Shards => selfsup_data::shards::open(&data.path.join(split.name()))?,
+pub fn load_split(data: &DataConfig, split: Split) -> Result<Arc<dyn Source>> {
+    let set: Arc<dyn Source> = match data.format {
+        DataFormat::Idx => Arc::new(dataset::mnist_family(&data.path, split)?),
+        DataFormat::Cifar => Arc::new(selfsup_data::cifar::read(&data.path, split)?),
+        DataFormat::Shards => Arc::new(selfsup_data::shards::open(&data.path.join(split.name()))?),
+        DataFormat::Lmdb => Arc::new(selfsup_data::lmdb::LmdbStore::open(&data.path.join(split.name()))?),
     };
     Ok(match (split, data.limit) {
-        (Split::Train, Some(n)) => set.take(n),
+        (Split::Train, Some(n)) => take(set, n),
         _ => set,
     })
 }
@@ -65,7 +67,7 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
     quiet: bool,
     /// (bank, queries) of the online kNN, loaded once when configured.
-    knn_sets: Option<(ImageSet, ImageSet)>,
+    knn_sets: Option<(Arc<dyn Source>, Arc<dyn Source>)>,
 }
 
 impl Trainer {
@@ -74,17 +76,19 @@ impl Trainer {
         cfg.validate()?;
         let device = parse_device(&cfg.device)?.open()?;
         let set = load_split(&cfg.data, Split::Train).context("loading the training data")?;
-        if set.c != cfg.model.in_chans {
-            bail!(
-                "model.in_chans = {} but {} has {}-channel images",
-                cfg.model.in_chans,
-                cfg.data.path.display(),
-                set.c
-            )
+        for (i, view) in cfg.views.iter().enumerate() {
+            let c = view.out_channels(set.channels());
+            if c != cfg.model.in_chans {
+                bail!(
+                    "model.in_chans = {} but view {i} of {} has {c} channels{}",
+                    cfg.model.in_chans,
+                    cfg.data.path.display(),
+                    if c == 1 { " (set to_rgb = true for an RGB model)" } else { "" }
+                )
+            }
         }
         let opts = selfsup_data::LoaderOptions { workers: cfg.workers, ..Default::default() };
-        let loader =
-            Arc::new(Loader::new(Arc::new(set), cfg.views.clone(), cfg.batch_size, cfg.seed)?.with_options(opts)?);
+        let loader = Arc::new(Loader::new(set, cfg.views.clone(), cfg.batch_size, cfg.seed)?.with_options(opts)?);
         let online = Vars::new(cfg.seed);
         let objective =
             cfg.objective.build(&cfg.model, &online, &device, cfg.seed).context("building the objective")?;
@@ -111,8 +115,8 @@ impl Trainer {
                 data.limit = Some(k.bank);
                 let bank = load_split(&data, Split::Train).context("loading the online kNN bank")?;
                 let queries =
-                    load_split(&cfg.data, Split::Test).context("loading the online kNN queries")?.take(k.queries);
-                if bank.labels.is_none() || queries.labels.is_none() {
+                    take(load_split(&cfg.data, Split::Test).context("loading the online kNN queries")?, k.queries);
+                if bank.label(0).is_none() || queries.label(0).is_none() {
                     bail!("online_knn needs labels in both splits of {}", cfg.data.path.display())
                 }
                 Some((bank, queries))
@@ -215,11 +219,11 @@ impl Trainer {
             selfsup_eval::features::EvalTransform { size: view.size, mean: view.mean.clone(), std: view.std.clone() };
         let backbone = self.objective.backbone();
         let (b, q) = (
-            selfsup_eval::features::extract(backbone, bank, &t, 500, &self.device)?,
-            selfsup_eval::features::extract(backbone, queries, &t, 500, &self.device)?,
+            selfsup_eval::features::extract(backbone, bank.as_ref(), &t, 500, &self.device)?,
+            selfsup_eval::features::extract(backbone, queries.as_ref(), &t, 500, &self.device)?,
         );
-        let labels = |s: &ImageSet| s.labels.clone().unwrap_or_default();
-        let classes = bank.num_classes.max(queries.num_classes);
+        let labels = |s: &Arc<dyn Source>| s.labels().unwrap_or_default();
+        let classes = bank.num_classes().max(queries.num_classes());
         let acc = selfsup_eval::knn_classify(
             &b,
             &labels(bank),

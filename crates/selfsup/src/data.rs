@@ -139,17 +139,19 @@ fn pack_into(
             for split in [Split::Train, Split::Test] {
                 let set =
                     if kind == Kind::Idx { dataset::mnist_family(source, split)? } else { cifar::read(source, split)? };
-                let dest = out.join(split.name());
-                let m = shards::pack_set(&set, &staging.join(split.name()), overwrite, &source.display().to_string())?;
-                println!(
-                    "{}: {} images of {}x{}x{}, {} classes",
-                    dest.display(),
-                    m.count,
-                    m.channels,
-                    m.height,
-                    m.width,
-                    m.num_classes
-                );
+                let (dest, at, name) =
+                    (out.join(split.name()), staging.join(split.name()), source.display().to_string());
+                let (count, classes) = match store {
+                    Store::Shards => {
+                        let m = shards::pack_set(&set, &at, overwrite, &name)?;
+                        (m.count, m.num_classes)
+                    }
+                    Store::Lmdb => {
+                        let m = selfsup_data::lmdb::pack_set(&set, &at, overwrite, &name)?;
+                        (m.count, m.num_classes)
+                    }
+                };
+                println!("{}: {count} images of {}x{}x{}, {classes} classes", dest.display(), set.c, set.h, set.w);
             }
         }
         Kind::Folder => {

@@ -22,7 +22,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::{Parser, Subcommand};
-use selfsup_data::dataset::ImageSet;
+use selfsup_data::source::take;
+use selfsup_data::Source;
 use selfsup_data::Split;
 use selfsup_eval::features::{extract, raw_pixels, EvalTransform};
 use selfsup_eval::{knn_classify, linear_probe, KnnAccuracy, KnnSetting, ProbeConfig};
@@ -362,8 +363,8 @@ struct KnnArgs {
 struct EvalSetup {
     cfg: RunConfig,
     backbone: Box<dyn selfsup_models::Backbone>,
-    train: ImageSet,
-    test: ImageSet,
+    train: std::sync::Arc<dyn Source>,
+    test: std::sync::Arc<dyn Source>,
     train_labels: Vec<u32>,
     test_labels: Vec<u32>,
     num_classes: usize,
@@ -384,14 +385,15 @@ fn eval_setup(
     let train = load_split(&data, Split::Train).context("loading the training split")?;
     let mut test = load_split(&cfg.data, Split::Test).context("loading the test split")?;
     if let Some(q) = test_limit {
-        test = test.take(q);
+        test = take(test, q);
     }
     let (train_labels, test_labels) = (
-        train.labels.clone().context("the training split has no labels")?,
-        test.labels.clone().context("the test split has no labels")?,
+        train.labels().context("the training split has no labels")?,
+        test.labels().context("the test split has no labels")?,
     );
-    let num_classes = train.num_classes.max(test.num_classes);
-    let unseen = test.num_classes.saturating_sub(train.num_classes);
+    let num_classes = train.num_classes().max(test.num_classes());
+    let seen: std::collections::BTreeSet<u32> = train_labels.iter().copied().collect();
+    let unseen = test_labels.iter().filter(|l| !seen.contains(l)).collect::<std::collections::BTreeSet<_>>().len();
     if unseen > 0 {
         eprintln!("note: {unseen} test class(es) do not occur in the training split; they count as errors");
     }
@@ -414,17 +416,22 @@ fn feature_sets(s: &EvalSetup, baselines: bool, batch: usize) -> Result<Vec<(Str
         let t0 = Instant::now();
         let random = random_backbone(&s.cfg, &device)?;
         let (a, b) = (
-            extract(random.as_ref(), &s.train, &s.transform, batch, &device)?,
-            extract(random.as_ref(), &s.test, &s.transform, batch, &device)?,
+            extract(random.as_ref(), s.train.as_ref(), &s.transform, batch, &device)?,
+            extract(random.as_ref(), s.test.as_ref(), &s.transform, batch, &device)?,
         );
         out.push(("random init".to_string(), a, b, t0.elapsed().as_secs_f64()));
         let t0 = Instant::now();
-        out.push(("raw pixels".to_string(), raw_pixels(&s.train)?, raw_pixels(&s.test)?, t0.elapsed().as_secs_f64()));
+        out.push((
+            "raw pixels".to_string(),
+            raw_pixels(s.train.as_ref())?,
+            raw_pixels(s.test.as_ref())?,
+            t0.elapsed().as_secs_f64(),
+        ));
     }
     let t0 = Instant::now();
     let (a, b) = (
-        extract(s.backbone.as_ref(), &s.train, &s.transform, batch, &device)?,
-        extract(s.backbone.as_ref(), &s.test, &s.transform, batch, &device)?,
+        extract(s.backbone.as_ref(), s.train.as_ref(), &s.transform, batch, &device)?,
+        extract(s.backbone.as_ref(), s.test.as_ref(), &s.transform, batch, &device)?,
     );
     out.push(("pretrained".to_string(), a, b, t0.elapsed().as_secs_f64()));
     Ok(out)
@@ -457,8 +464,8 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
     println!(
         "kNN on {} ({} bank images, {} queries; network input {size} px), top-1 %:",
         cfg.data.path.display(),
-        train.n,
-        test.n
+        train.len(),
+        test.len()
     );
     let header: Vec<String> = settings.iter().map(|s| format!("k={} T={}", s.k, s.temperature)).collect();
     println!("| features    | {} |", header.join(" | "));
@@ -469,7 +476,7 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
         println!("| {name:<11} | {} |", cells.join(" | "));
     }
     let value = serde_json::json!({
-        "bank": train.n, "queries": test.n, "size": size, "unseen_query_classes": setup.unseen,
+        "bank": train.len(), "queries": test.len(), "size": size, "unseen_query_classes": setup.unseen,
         "results": rows.iter().map(|(n, a, s)| serde_json::json!({"features": n, "accuracy": a, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| cfg.output_dir.join("knn.json")), &value)
@@ -505,8 +512,8 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         "linear probe ({preset}, {} epochs) on {} ({} training images, {} test images; input {} px), %:",
         probe.epochs,
         setup.cfg.data.path.display(),
-        setup.train.n,
-        setup.test.n,
+        setup.train.len(),
+        setup.test.len(),
         setup.transform.size
     );
     println!("| features    | top-1 | top-5 | train top-1 |");
@@ -515,7 +522,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         println!("| {name:<11} | {:>5.2} | {:>5.2} | {:>11.2} |", r.top1, r.top5, r.train_top1);
     }
     let value = serde_json::json!({
-        "preset": preset, "probe": probe, "train": setup.train.n, "test": setup.test.n, "size": setup.transform.size,
+        "preset": preset, "probe": probe, "train": setup.train.len(), "test": setup.test.len(), "size": setup.transform.size,
         "unseen_test_classes": setup.unseen,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
@@ -534,7 +541,7 @@ fn eval_finetune(
     let checkpoint = run.checkpoint;
     let device = candle_core::Device::Cpu;
     let rule = LayerDecayRule::for_model(&setup.cfg.model)?;
-    let train_set = std::sync::Arc::new(setup.train.clone());
+    let train_set = setup.train.clone();
     let mut inits = vec!["pretrained"];
     if baselines {
         inits.insert(0, "random init");
@@ -547,14 +554,14 @@ fn eval_finetune(
         } else {
             random_backbone_vars(&setup.cfg, &device, cfg.drop_path)?
         };
-        eprintln!("fine-tuning from {init}: {} epochs of {} images", cfg.epochs, train_set.n);
+        eprintln!("fine-tuning from {init}: {} epochs of {} images", cfg.epochs, train_set.len());
         let t0 = Instant::now();
         let r = finetune(
             backbone,
             &vars,
             &rule,
             train_set.clone(),
-            &setup.test,
+            setup.test.as_ref(),
             setup.num_classes,
             &setup.transform,
             &cfg,
@@ -574,8 +581,8 @@ fn eval_finetune(
         cfg.label_smoothing,
         cfg.drop_path,
         setup.cfg.data.path.display(),
-        setup.train.n,
-        setup.test.n,
+        setup.train.len(),
+        setup.test.len(),
         setup.transform.size
     );
     println!("| init        | top-1 | top-5 | last train loss | images/s |");
@@ -585,7 +592,7 @@ fn eval_finetune(
         println!("| {init:<11} | {:>5.2} | {:>5.2} | {loss:>15.4} | {:>8.0} |", r.top1, r.top5, r.images_per_sec);
     }
     let value = serde_json::json!({
-        "preset": preset, "config": cfg, "train": setup.train.n, "test": setup.test.n, "size": setup.transform.size,
+        "preset": preset, "config": cfg, "train": setup.train.len(), "test": setup.test.len(), "size": setup.transform.size,
         "unseen_test_classes": setup.unseen, "layer_decay_rule": rule,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"init": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });

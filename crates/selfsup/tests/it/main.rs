@@ -280,6 +280,28 @@ fn data_pack_info_and_training_from_shards() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("pretrained 12 steps"));
 
+    // And from an LMDB store of PNG-encoded records, decoded on every read.
+    let lmdb_data = root.path().join("packed-lmdb");
+    let o = selfsup(&["data", "pack", data.to_str().unwrap(), lmdb_data.to_str().unwrap(), "--to", "lmdb"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run2 = root.path().join("run-lmdb");
+    let text = config(&data, &run2)
+        .replace("format = \"idx\"", "format = \"lmdb\"")
+        .replace(&format!("path = \"{}\"", data.display()), &format!("path = \"{}\"", lmdb_data.display()));
+    let o = pretrain(root.path(), &text);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = selfsup(&["eval", "knn", "--checkpoint", run2.to_str().unwrap(), "--baselines"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same images give the same training losses whatever the store.
+    let losses = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split("\"loss\":").nth(1).map(|r| r.split(',').next().unwrap().to_string()))
+            .collect()
+    };
+    assert_eq!(losses(&run), losses(&run2));
+
     // An image folder with split sub-folders, one corrupt file.
     let folder = root.path().join("folder");
     for (split, n) in [("train", 4), ("val", 2)] {
