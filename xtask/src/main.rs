@@ -129,9 +129,49 @@ fn bench(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "selfsup-benches", "--"]);
     cmd.args(args);
+    let _ = std::fs::remove_file(root().join("target/criterion/data-bench.json"));
     run(&mut cmd)?;
     torch_ops(args)?;
-    summary()
+    torch_data()?;
+    summary()?;
+    data_summary()
+}
+
+/// Runs the PyTorch DataLoader peer of the data bench (benches/torch_data.py) on the JPEG
+/// folder the Rust bench just used, when the Rust bench ran.
+fn torch_data() -> Result<()> {
+    let dir = root().join("target/criterion");
+    let _ = std::fs::remove_file(dir.join("torch-data.json"));
+    if !dir.join("data-bench.json").exists() {
+        return Ok(());
+    }
+    let python = std::env::var("SELFSUP_PYTHON").unwrap_or_else(|_| "python3".into());
+    if let Err(e) = run(Command::new(python).arg(root().join("benches/torch_data.py"))) {
+        eprintln!("xtask: the PyTorch data comparison failed ({e:#}); printing the Rust numbers only");
+    }
+    Ok(())
+}
+
+/// The input-pipeline table: images/s of selfsup's loader and of PyTorch's, and their ratio.
+fn data_summary() -> Result<()> {
+    let dir = root().join("target/criterion");
+    let Ok(ours) = std::fs::read_to_string(dir.join("data-bench.json")) else { return Ok(()) };
+    let torch = std::fs::read_to_string(dir.join("torch-data.json")).unwrap_or_default();
+    let workers = json_number_after(&ours, "\"workers\"").unwrap_or(0.0);
+    println!();
+    println!(
+        "| input pipeline ({workers} workers, JPEG 500x375) | selfsup images/s | PyTorch images/s | speed vs PyTorch |"
+    );
+    println!("|---|---|---|---|");
+    for case in ["decode", "byol_2view_224", "fcmae_1view_224"] {
+        let key = format!("\"{case}\"");
+        let Some(rate) = json_number_after(&ours, &key) else { continue };
+        let peer = json_number_after(&torch, &key);
+        let cell = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_default();
+        let vs = peer.map(|p| format!("{:.2}x", rate / p)).unwrap_or_default();
+        println!("| {case} | {rate:.0} | {} | {vs} |", cell(peer));
+    }
+    Ok(())
 }
 
 /// Times PyTorch on the ops cases (benches/torch_ops.py) right after the Rust run, so the two

@@ -5,7 +5,8 @@ Writes crates/selfsup-data/tests/fixtures/augment.json (read by tests/augment_go
 
 Covers the deterministic parts: PIL's crop + resize (bilinear and bicubic, up- and
 downscaling, grey and RGB), torchvision's Resize + CenterCrop, and the tensor colour ops with
-fixed factors (adjust_brightness / contrast / saturation / hue, rgb_to_grayscale).
+fixed factors (adjust_brightness / contrast / saturation / hue, rgb_to_grayscale), and
+gaussian_blur.
 """
 import json
 import pathlib
@@ -56,12 +57,25 @@ for name, img in [("rgb", rgb), ("grey", grey)]:
 x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
 g = torch.from_numpy(grey)[None].float() / 255.0
 ops = []
+
+
+def r7(t):
+    return [round(v, 7) for v in t.reshape(-1).tolist()]
+
+
 for op, f in [("brightness", 1.3), ("brightness", 0.5), ("contrast", 0.6), ("contrast", 1.4),
               ("saturation", 1.5), ("saturation", 0.3), ("hue", 0.2), ("hue", -0.35), ("hue", 0.5)]:
     fn = getattr(F, f"adjust_{op}")
-    ops.append({"image": "rgb", "op": op, "factor": f, "out": fn(x, f).reshape(-1).tolist()})
-ops.append({"image": "grey", "op": "contrast", "factor": 0.6, "out": F.adjust_contrast(g, 0.6).reshape(-1).tolist()})
-ops.append({"image": "rgb", "op": "grayscale", "factor": 0, "out": F.rgb_to_grayscale(x, 3).reshape(-1).tolist()})
+    ops.append({"image": "rgb", "op": op, "factor": f, "out": r7(fn(x, f))})
+ops.append({"image": "grey", "op": "contrast", "factor": 0.6, "out": r7(F.adjust_contrast(g, 0.6))})
+ops.append({"image": "rgb", "op": "grayscale", "factor": 0, "out": r7(F.rgb_to_grayscale(x, 3))})
+
+# GaussianBlur on a square 40x40 image: selfsup's kernel side is ~10% of the size (5 here).
+square = rng.integers(0, 256, size=(3, 40, 40)).astype(np.float32) / 255.0
+blur = []
+for sigma in [0.6, 1.7]:
+    out_b = F.gaussian_blur(torch.from_numpy(square), [5, 5], [sigma, sigma])
+    blur.append({"sigma": sigma, "out": r7(out_b)})
 
 out = {
     "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "PIL": Image.__version__},
@@ -72,6 +86,8 @@ out = {
     "resize": resizes,
     "center_crop": center,
     "ops": ops,
+    "square": r7(torch.from_numpy(square)),
+    "blur": blur,
 }
 path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "augment.json"
 path.write_text(json.dumps(out, separators=(",", ":")))

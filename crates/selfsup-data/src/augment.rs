@@ -514,7 +514,9 @@ fn color_jitter(x: &mut [f32], c: usize, plane: usize, j: &Jitter, rng: &mut Rng
     }
 }
 
-fn gaussian_blur(x: &mut [f32], c: usize, size: usize, sigma: f64) {
+/// GaussianBlur of a square (c, size, size) image in place: kernel side ~10% of `size` (odd,
+/// at least 3), reflect padding (torchvision's tensor `gaussian_blur`).
+pub fn gaussian_blur(x: &mut [f32], c: usize, size: usize, sigma: f64) {
     let k = (((size as f64 * 0.1).round() as usize) | 1).max(3);
     let r = k / 2;
     let mut kernel: Vec<f32> =
@@ -527,19 +529,26 @@ fn gaussian_blur(x: &mut [f32], c: usize, size: usize, sigma: f64) {
         let i = if i < 0 { -i } else { i };
         (if i >= n { 2 * (n - 1) - i } else { i }).clamp(0, n - 1) as usize
     };
+    let src_of: Vec<usize> = (0..size + 2 * r).map(|j| reflect(j as isize - r as isize)).collect();
+    let mut padded = vec![0f32; size + 2 * r];
     let mut tmp = vec![0f32; size * size];
     for ch in 0..c {
         let p = &mut x[ch * size * size..(ch + 1) * size * size];
+        // Horizontal: each row reflect-padded once, then a straight dot product per pixel.
         for y in 0..size {
-            for xx in 0..size {
-                tmp[y * size + xx] =
-                    (0..k).map(|t| kernel[t] * p[y * size + reflect(xx as isize + t as isize - r as isize)]).sum();
+            let row = &p[y * size..(y + 1) * size];
+            padded.iter_mut().zip(&src_of).for_each(|(d, &j)| *d = row[j]);
+            for (xx, out) in tmp[y * size..(y + 1) * size].iter_mut().enumerate() {
+                *out = kernel.iter().zip(&padded[xx..xx + k]).map(|(a, b)| a * b).sum();
             }
         }
+        // Vertical: whole rows scaled and added, which vectorises across x.
         for y in 0..size {
-            for xx in 0..size {
-                p[y * size + xx] =
-                    (0..k).map(|t| kernel[t] * tmp[reflect(y as isize + t as isize - r as isize) * size + xx]).sum();
+            let out = &mut p[y * size..(y + 1) * size];
+            out.iter_mut().for_each(|v| *v = 0.0);
+            for (t, &kv) in kernel.iter().enumerate() {
+                let src = &tmp[src_of[y + t] * size..(src_of[y + t] + 1) * size];
+                out.iter_mut().zip(src).for_each(|(o, &v)| *o += kv * v);
             }
         }
     }

@@ -90,3 +90,16 @@ fn colour_ops_match_torchvision() {
         assert!(d < 1e-5, "{op} {factor} on {name}: max diff {d}");
     }
 }
+
+#[test]
+fn gaussian_blur_matches_torchvision() {
+    let f = fixtures();
+    let square = floats(&f["square"]);
+    for case in f["blur"].as_array().unwrap() {
+        let mut x = square.clone();
+        selfsup_data::augment::gaussian_blur(&mut x, 3, 40, case["sigma"].as_f64().unwrap());
+        let want = floats(&case["out"]);
+        let d = x.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(d < 1e-5, "sigma {}: max diff {d}", case["sigma"]);
+    }
+}
