@@ -45,7 +45,7 @@ fn write_corpus(dir: &Path) {
             continue;
         }
         let mut rng = Rng::from_keys(&[7, i as u64]);
-        let (fx, fy, phase) = (rng.range(0.005, 0.05), rng.range(0.005, 0.05), rng.range(0.0, 6.28));
+        let (fx, fy, phase) = (rng.range(0.005, 0.05), rng.range(0.005, 0.05), rng.range(0.0, std::f64::consts::TAU));
         let base = [rng.range(40.0, 200.0), rng.range(40.0, 200.0), rng.range(40.0, 200.0)];
         let img = image::RgbImage::from_fn(w, h, |x, y| {
             let t = ((x as f64 * fx + y as f64 * fy + phase).sin() * 50.0) + ((x * y) % 7) as f64 * 3.0;

@@ -179,33 +179,33 @@ pub fn decode_native(
     channels: usize,
     max_pixels: u64,
 ) -> std::result::Result<(usize, usize, usize, Vec<u8>), Skip> {
+    use image::ImageDecoder;
+    let unreadable = |e: image::ImageError| Skip::Unreadable(e.to_string());
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Skip::Unreadable(e.to_string()))?;
-    let (w, h) = reader.into_dimensions().map_err(|e| Skip::Unreadable(e.to_string()))?;
+    // One header parse: the decoder knows the size before any pixel is decoded.
+    let mut decoder = reader.into_decoder().map_err(unreadable)?;
+    let (w, h) = decoder.dimensions();
     if w as u64 * h as u64 > max_pixels {
         return Err(Skip::TooLarge { width: w, height: h });
     }
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Skip::Unreadable(e.to_string()))?;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(16));
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| Skip::Unreadable(e.to_string()))?;
+    decoder.set_limits(limits).map_err(unreadable)?;
+    let img = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(Skip::Unreadable("zero-sized image".into()));
     }
     let pixels = if channels == 1 {
-        img.to_luma8().into_raw()
+        img.into_luma8().into_raw()
     } else {
-        let rgb = img.to_rgb8();
+        // HWC -> CHW, one plane at a time (sequential writes).
+        let rgb = img.into_rgb8().into_raw();
         let mut out = vec![0u8; 3 * w * h];
-        for (i, p) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                out[c * w * h + i] = p[c];
-            }
+        for (c, plane) in out.chunks_exact_mut(w * h).enumerate() {
+            plane.iter_mut().zip(rgb.chunks_exact(3)).for_each(|(d, p)| *d = p[c]);
         }
         out
     };
