@@ -69,6 +69,13 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn default_max_bad() -> f64 {
+    0.01
+}
+fn is_default_max_bad(x: &f64) -> bool {
+    *x == default_max_bad()
+}
+
 fn default_knn_bank() -> usize {
     10_000
 }
@@ -82,6 +89,10 @@ fn default_knn_queries() -> usize {
 pub struct DataConfig {
     pub format: DataFormat,
     pub path: PathBuf,
+    /// Stop when more than this fraction of the training records fails to decode (they are
+    /// skipped, counted in metrics.jsonl and named at the end of the run until then).
+    #[serde(default = "default_max_bad", skip_serializing_if = "is_default_max_bad")]
+    pub max_bad_fraction: f64,
     /// Use only the first `limit` training images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
@@ -180,6 +191,9 @@ impl RunConfig {
         }
         if self.batch_size == 1 {
             bail!("batch_size must be at least 2 (BatchNorm needs more than one sample)")
+        }
+        if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
+            bail!("data.max_bad_fraction must be a fraction in [0, 1], got {}", self.data.max_bad_fraction)
         }
         if self.log_every == 0 || self.checkpoint.every == 0 || self.checkpoint.keep == 0 {
             bail!("log_every, checkpoint.every and checkpoint.keep must be positive")

@@ -87,7 +87,11 @@ impl Trainer {
                 )
             }
         }
-        let opts = selfsup_data::LoaderOptions { workers: cfg.workers, ..Default::default() };
+        let opts = selfsup_data::LoaderOptions {
+            workers: cfg.workers,
+            max_bad_fraction: cfg.data.max_bad_fraction,
+            ..Default::default()
+        };
         let loader = Arc::new(Loader::new(set, cfg.views.clone(), cfg.batch_size, cfg.seed)?.with_options(opts)?);
         let online = Vars::new(cfg.seed);
         let objective =
@@ -344,6 +348,11 @@ impl Trainer {
                 if let Some(n) = grad_norm {
                     line["grad_norm"] = serde_json::json!(n);
                 }
+                // Records the loader skipped because they failed to decode (named at the end).
+                let corrupt = self.loader.corrupt();
+                if !corrupt.is_empty() {
+                    line["corrupt_records"] = serde_json::json!(corrupt.len());
+                }
                 writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
                 let msg = format!("loss {loss:.4} lr {lr:.2e} {ips:.0} img/s");
                 match &bar {
@@ -369,6 +378,11 @@ impl Trainer {
         }
         if let Some(bar) = bar {
             bar.finish();
+        }
+        let corrupt = self.loader.corrupt();
+        if !corrupt.is_empty() && !self.quiet {
+            eprintln!("{} record(s) failed to decode and were skipped:", corrupt.len());
+            corrupt.iter().take(20).for_each(|c| eprintln!("  {c}"));
         }
         let ran = self.step - first;
         Ok(Summary {

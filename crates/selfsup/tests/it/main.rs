@@ -69,6 +69,14 @@ fn pretrain(root: &Path, text: &str) -> Output {
     selfsup(&["pretrain", "--config", path.to_str().unwrap()])
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
 fn assert_fails_with(o: &Output, needles: &[&str]) {
     let e = stderr(o);
     assert!(!o.status.success(), "expected failure, got success; stderr: {e}");
@@ -301,6 +309,32 @@ fn data_pack_info_and_training_from_shards() {
             .collect()
     };
     assert_eq!(losses(&run), losses(&run2));
+
+    // One corrupt record in the training store: skipped, counted in metrics.jsonl, named on
+    // stderr; with a zero tolerance the run stops naming it.
+    let damaged = root.path().join("damaged");
+    {
+        use selfsup_data::Source;
+        let store = selfsup_data::lmdb::LmdbStore::open(&lmdb_data.join("train")).unwrap();
+        let mut w = selfsup_data::lmdb::LmdbWriter::create(&damaged.join("train"), 1, 1 << 20, false).unwrap();
+        for i in 0..store.len() {
+            let bytes = if i == 5 { b"not a png".to_vec() } else { store.encoded(i).unwrap() };
+            w.push(&bytes, store.label(i)).unwrap();
+        }
+        w.finish(vec![], "test", Default::default()).unwrap();
+        copy_dir(&lmdb_data.join("test"), &damaged.join("test"));
+    }
+    let run3 = root.path().join("run-damaged");
+    let text = config(&data, &run3)
+        .replace("format = \"idx\"", "format = \"lmdb\"\nmax_bad_fraction = 0.05")
+        .replace(&format!("path = \"{}\"", data.display()), &format!("path = \"{}\"", damaged.display()));
+    let o = pretrain(root.path(), &text);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("1 record(s) failed to decode") && stderr(&o).contains("record 5"), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(run3.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().last().unwrap().contains("\"corrupt_records\":1"), "{metrics}");
+    let o = pretrain(root.path(), &text.replace("max_bad_fraction = 0.05", "max_bad_fraction = 0.0"));
+    assert_fails_with(&o, &["1 of 96 records failed to decode", "record 5"]);
 
     // An image folder with split sub-folders, one corrupt file.
     let folder = root.path().join("folder");
