@@ -19,9 +19,15 @@
 //! - The new head is `N(0, 2e-5)` with zero bias (`trunc_normal_(head.weight, std=2e-5)` in
 //!   both references; the truncation at +-2 is a no-op at that std).
 //!
-//! Not implemented (yet): Mixup/CutMix, RandAugment, random erasing and the EMA of weights that
-//! the ImageNet recipes add; on 28-px grey images the recipe here (random-resized crop + flip)
-//! is the usual choice. Accuracy is measured on the test split after the last epoch (and every
+//! - Mixup / CutMix as timm's `Mixup` in batch mode: with probability `mix_prob` a batch is
+//!   mixed with its reverse, by CutMix with probability `switch_prob` (when both are on), else by
+//!   Mixup; `lam ~ Beta(alpha, alpha)`; CutMix's box is centred uniformly, clipped, and `lam` is
+//!   corrected to the pasted area; targets are the smoothed one-hots mixed by `lam`, and the
+//!   loss is the soft-target cross-entropy.
+//!
+//! Not implemented (yet): RandAugment, random erasing and the EMA of weights that the ImageNet
+//! recipes add; on 28-px grey images the recipe here (random-resized crop + flip) is the usual
+//! choice. Accuracy is measured on the test split after the last epoch (and every
 //! `eval_every` epochs, for the curve); unlike the references it does not report the maximum
 //! over epochs, which would select on the test set.
 
@@ -147,6 +153,12 @@ pub struct FinetuneConfig {
     pub label_smoothing: f64,
     /// The backbone's stochastic-depth rate during fine-tuning.
     pub drop_path: f64,
+    /// Mixup and CutMix Beta parameters (0 = off), the probability a batch is mixed, and the
+    /// probability of CutMix rather than Mixup when both are on.
+    pub mixup: f64,
+    pub cutmix: f64,
+    pub mix_prob: f64,
+    pub switch_prob: f64,
     /// RandomResizedCrop scale range and flip probability of the training view.
     pub crop_scale: [f64; 2],
     pub hflip: f64,
@@ -171,6 +183,10 @@ impl FinetuneConfig {
             group_layers: false,
             label_smoothing: 0.2,
             drop_path: 0.1,
+            mixup: 0.0,
+            cutmix: 0.0,
+            mix_prob: 1.0,
+            switch_prob: 0.5,
             crop_scale: [0.08, 1.0],
             hflip: 0.5,
             eval_every: 0,
@@ -179,7 +195,7 @@ impl FinetuneConfig {
     }
 
     /// ConvNeXt V2-Tiny: blr 8e-4, 300 epochs, warm-up 40, layer decay 0.9 ('single'),
-    /// wd 0.05, drop-path 0.2, smoothing 0.1 (mixup/cutmix not implemented).
+    /// wd 0.05, drop-path 0.2, smoothing 0.1, mixup 0.8 / cutmix 1.0.
     pub fn convnextv2_tiny() -> Self {
         Self {
             epochs: 300,
@@ -188,6 +204,8 @@ impl FinetuneConfig {
             weight_decay: 0.05,
             drop_path: 0.2,
             label_smoothing: 0.1,
+            mixup: 0.8,
+            cutmix: 1.0,
             ..Self::convnextv2_atto()
         }
     }
@@ -207,7 +225,8 @@ impl FinetuneConfig {
     }
 
     /// MAE ViT-B (`FINETUNE.md`) and LoMaR (`main_finetune_lomar.py`): batch 1024, blr 5e-4,
-    /// 100 epochs, warm-up 5, layer decay 0.65, wd 0.05, drop-path 0.1, smoothing 0.1.
+    /// 100 epochs, warm-up 5, layer decay 0.65, wd 0.05, drop-path 0.1, smoothing 0.1,
+    /// mixup 0.8 / cutmix 1.0.
     pub fn mae_vit_base() -> Self {
         Self {
             epochs: 100,
@@ -218,6 +237,8 @@ impl FinetuneConfig {
             weight_decay: 0.05,
             drop_path: 0.1,
             label_smoothing: 0.1,
+            mixup: 0.8,
+            cutmix: 1.0,
             ..Self::convnextv2_atto()
         }
     }
@@ -272,6 +293,19 @@ impl FinetuneConfig {
         if !(0.0..1.0).contains(&self.label_smoothing) {
             bail!("fine-tuning: label_smoothing must lie in [0, 1), got {}", self.label_smoothing)
         }
+        if self.mixup < 0.0
+            || self.cutmix < 0.0
+            || !(0.0..=1.0).contains(&self.mix_prob)
+            || !(0.0..=1.0).contains(&self.switch_prob)
+        {
+            bail!(
+                "fine-tuning: mixup {} and cutmix {} must be >= 0, mix_prob {} and switch_prob {} in [0, 1]",
+                self.mixup,
+                self.cutmix,
+                self.mix_prob,
+                self.switch_prob
+            )
+        }
         Ok(())
     }
 }
@@ -296,6 +330,122 @@ pub fn label_smoothing_cross_entropy(logits: &Tensor, labels: &Tensor, smoothing
     let nll = logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
     let smooth = logp.mean(1)?.neg()?;
     ((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?.mean_all()
+}
+
+/// Gamma(shape, 1) (Marsaglia & Tsang; shape < 1 through `Gamma(shape + 1) * U^(1/shape)`).
+fn gamma(shape: f64, rng: &mut Rng) -> f64 {
+    if shape < 1.0 {
+        return gamma(shape + 1.0, rng) * rng.uniform().max(f64::MIN_POSITIVE).powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = rng.normal();
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u = rng.uniform();
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// Beta(a, a).
+fn beta(a: f64, rng: &mut Rng) -> f64 {
+    let (x, y) = (gamma(a, rng), gamma(a, rng));
+    x / (x + y)
+}
+
+/// How one batch is mixed with its reverse.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mix {
+    None,
+    /// `lam * x + (1 - lam) * x.flip(0)`.
+    Mixup {
+        lam: f64,
+    },
+    /// Rows `y0..y1`, columns `x0..x1` pasted from the reversed batch; `lam` is the kept area.
+    Cutmix {
+        lam: f64,
+        y0: usize,
+        y1: usize,
+        x0: usize,
+        x1: usize,
+    },
+}
+
+impl Mix {
+    /// timm's `Mixup._params_per_batch` + `_mix_batch` box for an `h x w` batch.
+    pub fn draw(cfg: &FinetuneConfig, h: usize, w: usize, rng: &mut Rng) -> Self {
+        if (cfg.mixup <= 0.0 && cfg.cutmix <= 0.0) || !rng.bernoulli(cfg.mix_prob) {
+            return Mix::None;
+        }
+        let use_cutmix =
+            if cfg.mixup > 0.0 && cfg.cutmix > 0.0 { rng.bernoulli(cfg.switch_prob) } else { cfg.cutmix > 0.0 };
+        if !use_cutmix {
+            return Mix::Mixup { lam: beta(cfg.mixup, rng) };
+        }
+        let lam = beta(cfg.cutmix, rng);
+        let ratio = (1.0 - lam).sqrt();
+        let (ch, cw) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
+        let (cy, cx) = (rng.below(h), rng.below(w));
+        let (y0, y1) = (cy.saturating_sub(ch / 2), (cy + ch / 2).min(h));
+        let (x0, x1) = (cx.saturating_sub(cw / 2), (cx + cw / 2).min(w));
+        let lam = 1.0 - ((y1 - y0) * (x1 - x0)) as f64 / (h * w) as f64;
+        Mix::Cutmix { lam, y0, y1, x0, x1 }
+    }
+
+    /// The mixed images (b, c, h, w) and soft targets (b, classes): smoothed one-hots of the
+    /// labels and of the reversed labels, mixed by `lam`.
+    pub fn apply(
+        &self,
+        xs: &Tensor,
+        labels: &[u32],
+        classes: usize,
+        smoothing: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let b = labels.len();
+        let (off, on) = (smoothing / classes as f64, 1.0 - smoothing + smoothing / classes as f64);
+        let one_hot = |rev: bool| -> Vec<f32> {
+            let mut t = vec![off as f32; b * classes];
+            for i in 0..b {
+                let l = labels[if rev { b - 1 - i } else { i }] as usize;
+                t[i * classes + l] = on as f32;
+            }
+            t
+        };
+        let (direct, reversed) = (one_hot(false), one_hot(true));
+        let lam = match *self {
+            Mix::None => 1.0,
+            Mix::Mixup { lam } | Mix::Cutmix { lam, .. } => lam,
+        };
+        let target: Vec<f32> =
+            direct.iter().zip(&reversed).map(|(a, r)| (lam as f32) * a + (1.0 - lam as f32) * r).collect();
+        let target = Tensor::from_vec(target, (b, classes), xs.device())?;
+        let flipped = || xs.index_select(&Tensor::arange(0u32, b as u32, xs.device())?.flip(&[0])?, 0);
+        let xs = match *self {
+            Mix::None => xs.clone(),
+            Mix::Mixup { lam } => ((xs * lam)? + (flipped()? * (1.0 - lam))?)?,
+            Mix::Cutmix { y0, y1, x0, x1, .. } => {
+                let (_, _, h, w) = xs.dims4()?;
+                let mut mask = vec![0f32; h * w];
+                for y in y0..y1 {
+                    mask[y * w + x0..y * w + x1].iter_mut().for_each(|m| *m = 1.0);
+                }
+                let mask = Tensor::from_vec(mask, (1, 1, h, w), xs.device())?.to_dtype(xs.dtype())?;
+                (xs.broadcast_mul(&(1.0 - &mask)?)? + flipped()?.broadcast_mul(&mask)?)?
+            }
+        };
+        Ok((xs, target))
+    }
+}
+
+/// Soft-target cross-entropy (timm `SoftTargetCrossEntropy`): mean over the batch of
+/// `sum_c -target_c * log_softmax(logits)_c`.
+pub fn soft_target_cross_entropy(logits: &Tensor, target: &Tensor) -> candle_core::Result<Tensor> {
+    (candle_nn::ops::log_softmax(logits, 1)? * target)?.sum(1)?.neg()?.mean_all()
 }
 
 /// A backbone with a linear classifier on its pooled features.
@@ -399,10 +549,16 @@ pub fn finetune(
         let ids = batch.indices;
         let xs = batch.views[0].to_device(device)?;
         let ys: Vec<u32> = ids.iter().map(|&i| train_labels[i]).collect();
-        let ys = Tensor::from_vec(ys, ids.len(), device)?;
         let key = Rng::from_keys(&[cfg.seed, step as u64, 0xf1e7]).next_u64();
-        let logits = model.logits(&xs, Mode::Train { key })?;
-        let loss = label_smoothing_cross_entropy(&logits, &ys, cfg.label_smoothing)?;
+        let (_, _, h, w) = xs.dims4()?;
+        let mix = Mix::draw(cfg, h, w, &mut Rng::from_keys(&[cfg.seed, step as u64, 0x313]));
+        let loss = if mix == Mix::None {
+            let logits = model.logits(&xs, Mode::Train { key })?;
+            label_smoothing_cross_entropy(&logits, &Tensor::from_vec(ys, ids.len(), device)?, cfg.label_smoothing)?
+        } else {
+            let (xs, target) = mix.apply(&xs, &ys, num_classes, cfg.label_smoothing)?;
+            soft_target_cross_entropy(&model.logits(&xs, Mode::Train { key })?, &target)?
+        };
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             bail!("fine-tuning: the loss is {value} at step {step} (epoch {epoch})")
@@ -489,6 +645,72 @@ mod tests {
         let ce = candle_nn::loss::cross_entropy(&logits, &y).unwrap().to_scalar::<f32>().unwrap();
         let got = label_smoothing_cross_entropy(&logits, &y, 0.0).unwrap().to_scalar::<f32>().unwrap();
         assert!((got - ce).abs() < 1e-6);
+    }
+
+    #[test]
+    fn beta_draws_have_the_right_mean_and_spread() {
+        let mut rng = Rng::new(3);
+        for a in [0.8, 1.0, 2.5] {
+            let xs: Vec<f64> = (0..20_000).map(|_| beta(a, &mut rng)).collect();
+            let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+            // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
+            assert!((mean - 0.5).abs() < 0.01, "a {a}: mean {mean}");
+            assert!((var - 1.0 / (4.0 * (2.0 * a + 1.0))).abs() < 0.005, "a {a}: var {var}");
+            assert!(xs.iter().all(|x| (0.0..=1.0).contains(x)));
+        }
+    }
+
+    #[test]
+    fn mixup_and_cutmix_mix_images_and_targets_by_the_same_lambda() {
+        let dev = Device::Cpu;
+        // Two 1x4x4 images: all ones and all zeros; labels 0 and 1 of 2 classes.
+        let xs = Tensor::cat(
+            &[
+                Tensor::ones((1, 1, 4, 4), DType::F32, &dev).unwrap(),
+                Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let (m, t) = Mix::Mixup { lam: 0.7 }.apply(&xs, &[0, 1], 2, 0.0).unwrap();
+        let m = m.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+        assert!(m[0].iter().all(|&v| (v - 0.7).abs() < 1e-6) && m[1].iter().all(|&v| (v - 0.3).abs() < 1e-6));
+        assert_eq!(t.to_vec2::<f32>().unwrap(), [[0.7, 0.3], [0.3, 0.7]].map(|r| r.map(|v: f64| v as f32)));
+        // CutMix of the top-left 2x2: image 0 keeps 12 of 16 ones.
+        let cut = Mix::Cutmix { lam: 0.75, y0: 0, y1: 2, x0: 0, x1: 2 };
+        let (m, t) = cut.apply(&xs, &[0, 1], 2, 0.1).unwrap();
+        let m = m.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0].iter().sum::<f32>(), 12.0);
+        assert_eq!(m[1].iter().sum::<f32>(), 4.0);
+        // Smoothed one-hots (0.95 / 0.05) mixed by 0.75.
+        let t = t.to_vec2::<f32>().unwrap();
+        assert!((t[0][0] - (0.75 * 0.95 + 0.25 * 0.05)).abs() < 1e-6, "{t:?}");
+        // The soft loss with a one-hot target is plain cross-entropy.
+        let logits = Tensor::new(&[[1f32, 2.0], [0.5, -1.0]], &dev).unwrap();
+        let hard = Tensor::new(&[[0f32, 1.0], [1.0, 0.0]], &dev).unwrap();
+        let ce = candle_nn::loss::cross_entropy(&logits, &Tensor::new(&[1u32, 0], &dev).unwrap()).unwrap();
+        let soft = soft_target_cross_entropy(&logits, &hard).unwrap();
+        assert!((ce.to_scalar::<f32>().unwrap() - soft.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cutmix_boxes_stay_inside_and_correct_lambda() {
+        let cfg = FinetuneConfig { mixup: 0.0, cutmix: 1.0, ..FinetuneConfig::fmnist() };
+        let mut rng = Rng::new(1);
+        let mut seen_cut = false;
+        for _ in 0..500 {
+            match Mix::draw(&cfg, 16, 12, &mut rng) {
+                Mix::Cutmix { lam, y0, y1, x0, x1 } => {
+                    seen_cut = true;
+                    assert!(y0 <= y1 && y1 <= 16 && x0 <= x1 && x1 <= 12);
+                    assert!((lam - (1.0 - ((y1 - y0) * (x1 - x0)) as f64 / 192.0)).abs() < 1e-12);
+                }
+                other => panic!("only cutmix is on: {other:?}"),
+            }
+        }
+        assert!(seen_cut);
+        assert_eq!(Mix::draw(&FinetuneConfig::fmnist(), 16, 12, &mut rng), Mix::None);
     }
 
     fn tiny_run(cfg: &FinetuneConfig) -> FinetuneResult {

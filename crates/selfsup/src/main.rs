@@ -169,6 +169,12 @@ enum EvalCommand {
         smoothing: Option<f64>,
         #[arg(long)]
         drop_path: Option<f64>,
+        /// Mixup Beta parameter (0 = off).
+        #[arg(long)]
+        mixup: Option<f64>,
+        /// CutMix Beta parameter (0 = off).
+        #[arg(long)]
+        cutmix: Option<f64>,
         /// Smallest RandomResizedCrop area fraction of the training view.
         #[arg(long)]
         min_crop: Option<f64>,
@@ -275,6 +281,8 @@ fn run(cli: Cli) -> Result<()> {
                     weight_decay,
                     smoothing,
                     drop_path,
+                    mixup,
+                    cutmix,
                     min_crop,
                     eval_every,
                     baselines,
@@ -290,6 +298,8 @@ fn run(cli: Cli) -> Result<()> {
             cfg.weight_decay = weight_decay.unwrap_or(cfg.weight_decay);
             cfg.label_smoothing = smoothing.unwrap_or(cfg.label_smoothing);
             cfg.drop_path = drop_path.unwrap_or(cfg.drop_path);
+            cfg.mixup = mixup.unwrap_or(cfg.mixup);
+            cfg.cutmix = cutmix.unwrap_or(cfg.cutmix);
             if let Some(m) = min_crop {
                 cfg.crop_scale[0] = m;
             }

@@ -147,6 +147,13 @@ fn pretrain_resume_and_knn_end_to_end() {
     assert_eq!(json["results"].as_array().unwrap().len(), 2);
     assert_eq!(json["results"][1]["result"]["test_curve"].as_array().unwrap().len(), 2);
     assert!(json["results"][1]["result"]["top1"].as_f64().unwrap() > 50.0, "{json}");
+    // Mixup + CutMix run end to end too.
+    let mix_json = root.path().join("mix.json");
+    let mix =
+        ["--epochs", "2", "--batch", "16", "--mixup", "0.8", "--cutmix", "1.0", "--json", mix_json.to_str().unwrap()];
+    let o = selfsup(&[&args[..], &mix].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read_to_string(&mix_json).unwrap().contains("\"mixup\": 0.8"));
     let o = selfsup(&[&args[..], &["--layer-decay", "0"]].concat());
     assert_fails_with(&o, &["layer_decay must lie in (0, 1], got 0"]);
 
