@@ -3,6 +3,7 @@
 //! Models know no losses and do no I/O. Each backbone is one file with the reference's weight
 //! names; [`ModelConfig`] is the explicit registry of what can be built from a run config.
 
+pub mod convnextv2;
 pub mod layers;
 pub mod resnet;
 pub mod store;
@@ -48,11 +49,38 @@ pub enum Arch {
     Resnet18,
     Resnet34,
     Resnet50,
+    Convnextv2Atto,
+    Convnextv2Femto,
+    Convnextv2Pico,
+    Convnextv2Nano,
+    Convnextv2Tiny,
+    Convnextv2Base,
+    Convnextv2Large,
+    Convnextv2Huge,
 }
 
 impl Arch {
     /// The registry: every architecture, for tests and `selfsup info`.
-    pub const ALL: &'static [Arch] = &[Arch::Resnet18, Arch::Resnet34, Arch::Resnet50];
+    pub const ALL: &'static [Arch] = &[
+        Arch::Resnet18,
+        Arch::Resnet34,
+        Arch::Resnet50,
+        Arch::Convnextv2Atto,
+        Arch::Convnextv2Femto,
+        Arch::Convnextv2Pico,
+        Arch::Convnextv2Nano,
+        Arch::Convnextv2Tiny,
+        Arch::Convnextv2Base,
+        Arch::Convnextv2Large,
+        Arch::Convnextv2Huge,
+    ];
+}
+
+/// A resolved architecture: the family and its full config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Family {
+    Resnet(resnet::Config),
+    Convnextv2(convnextv2::Config),
 }
 
 /// The `[model]` table of a run config.
@@ -80,29 +108,56 @@ fn default_in_chans() -> usize {
 }
 
 impl ModelConfig {
-    pub fn resnet_config(&self) -> Result<resnet::Config> {
-        let cfg = match self.arch {
-            Arch::Resnet18 => resnet::Config::resnet18(self.in_chans),
-            Arch::Resnet34 => resnet::Config::resnet34(self.in_chans),
-            Arch::Resnet50 => resnet::Config::resnet50(self.in_chans),
+    /// The full config of the configured architecture (widths and drop-path applied).
+    pub fn family(&self) -> Result<Family> {
+        let c = self.in_chans;
+        let widths = |cfg: convnextv2::Config| -> Result<convnextv2::Config> {
+            let cfg = match &self.widths {
+                Some(w) => cfg.with_widths(w)?,
+                None => cfg,
+            };
+            cfg.with_drop_path_rate(self.drop_path_rate)
         };
-        let cfg = match &self.widths {
-            Some(w) => cfg.with_widths(w)?,
-            None => cfg,
-        };
-        cfg.with_drop_path_rate(self.drop_path_rate)
+        Ok(match self.arch {
+            Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 => {
+                let cfg = match self.arch {
+                    Arch::Resnet18 => resnet::Config::resnet18(c),
+                    Arch::Resnet34 => resnet::Config::resnet34(c),
+                    _ => resnet::Config::resnet50(c),
+                };
+                let cfg = match &self.widths {
+                    Some(w) => cfg.with_widths(w)?,
+                    None => cfg,
+                };
+                Family::Resnet(cfg.with_drop_path_rate(self.drop_path_rate)?)
+            }
+            Arch::Convnextv2Atto => Family::Convnextv2(widths(convnextv2::Config::atto(c))?),
+            Arch::Convnextv2Femto => Family::Convnextv2(widths(convnextv2::Config::femto(c))?),
+            Arch::Convnextv2Pico => Family::Convnextv2(widths(convnextv2::Config::pico(c))?),
+            Arch::Convnextv2Nano => Family::Convnextv2(widths(convnextv2::Config::nano(c))?),
+            Arch::Convnextv2Tiny => Family::Convnextv2(widths(convnextv2::Config::tiny(c))?),
+            Arch::Convnextv2Base => Family::Convnextv2(widths(convnextv2::Config::base(c))?),
+            Arch::Convnextv2Large => Family::Convnextv2(widths(convnextv2::Config::large(c))?),
+            Arch::Convnextv2Huge => Family::Convnextv2(widths(convnextv2::Config::huge(c))?),
+        })
     }
 
     /// Total downsampling of the configured network.
     pub fn stride(&self) -> Result<usize> {
-        Ok(self.resnet_config()?.stride())
+        Ok(match self.family()? {
+            Family::Resnet(cfg) => cfg.stride(),
+            Family::Convnextv2(_) => 32,
+        })
     }
 
     pub fn build(&self, vb: Vb) -> Result<Box<dyn Backbone>> {
         if self.in_chans == 0 {
             candle_core::bail!("model.in_chans must be positive")
         }
-        Ok(Box::new(resnet::ResNet::new(&self.resnet_config()?, vb)?))
+        Ok(match self.family()? {
+            Family::Resnet(cfg) => Box::new(resnet::ResNet::new(&cfg, vb)?),
+            Family::Convnextv2(cfg) => Box::new(convnextv2::ConvNextV2::new(&cfg, vb)?),
+        })
     }
 }
 
@@ -119,7 +174,8 @@ mod tests {
             let cfg = ModelConfig { arch, in_chans: 1, widths: Some(vec![2, 4, 4, 4]), drop_path_rate: 0.1 };
             let vars = Vars::new(1);
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();
-            let xs = Tensor::randn(0f32, 1., (2, 1, 8, 8), &Device::Cpu).unwrap();
+            let size = cfg.stride().unwrap().max(8);
+            let xs = Tensor::randn(0f32, 1., (2, 1, size, size), &Device::Cpu).unwrap();
             let loss = m.forward_pooled(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().sum_all().unwrap();
             assert!(loss.to_scalar::<f32>().unwrap().is_finite(), "{arch:?}");
             let grads = loss.backward().unwrap();

@@ -41,7 +41,7 @@ use selfsup_data::loader::eval_batch;
 use selfsup_data::{Loader, Source};
 use selfsup_eval::features::EvalTransform;
 use selfsup_eval::linear::accuracy;
-use selfsup_models::{Arch, Backbone, Mode, ModelConfig, Vars};
+use selfsup_models::{Arch, Backbone, Family, Mode, ModelConfig, Vars};
 use selfsup_ops::rng::Rng;
 use serde::Serialize;
 
@@ -64,13 +64,18 @@ pub enum LayerDecayRule {
 }
 
 impl LayerDecayRule {
-    /// The rule of a model config's architecture.
+    /// The rule of a model config's architecture: ConvNeXt V2 Base and larger use 'group' (as
+    /// their recipes), the others 'single'.
     pub fn for_model(model: &ModelConfig) -> Result<Self> {
-        match model.arch {
-            Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 => {
-                Ok(Self::Resnet { depths: model.resnet_config()?.stages.iter().map(|s| s.depth).collect() })
+        Ok(match model.family()? {
+            Family::Resnet(cfg) => Self::Resnet { depths: cfg.stages.iter().map(|s| s.depth).collect() },
+            Family::Convnextv2(_)
+                if matches!(model.arch, Arch::Convnextv2Base | Arch::Convnextv2Large | Arch::Convnextv2Huge) =>
+            {
+                Self::ConvnextGroup
             }
-        }
+            Family::Convnextv2(cfg) => Self::ConvnextSingle { depths: cfg.depths },
+        })
     }
 
     /// The head's layer id (it trains at the full learning rate).

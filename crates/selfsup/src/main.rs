@@ -329,7 +329,7 @@ fn run(cli: Cli) -> Result<()> {
                 "architectures: {}",
                 selfsup_models::Arch::ALL
                     .iter()
-                    .map(|a| format!("{a:?}").to_lowercase())
+                    .map(|a| serde_json::to_string(a).unwrap_or_default().trim_matches('"').to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             );
