@@ -9,8 +9,13 @@ use selfsup_objectives::{byol, Objective, Step};
 
 fn step(c: &mut Criterion) {
     selfsup_benches::init();
-    let model =
-        ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![16, 32, 64, 128]), drop_path_rate: 0.0 };
+    let model = ModelConfig {
+        arch: Arch::Resnet18,
+        in_chans: 1,
+        widths: Some(vec![16, 32, 64, 128]),
+        drop_path_rate: 0.0,
+        img_size: None,
+    };
     let cfg = byol::Config { proj_hidden: 512, proj_dim: 128, base_momentum: 0.99 };
     let vars = Vars::new(0);
     let obj = byol::Byol::new(&cfg, &model, &vars, &Device::Cpu, 0).unwrap();

@@ -23,7 +23,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::Init;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::drop_path;
+use crate::layers::{drop_path, linear_trunc_normal as linear, LayerNorm};
 use crate::store::Vb;
 use crate::{Backbone, Mode};
 
@@ -121,25 +121,6 @@ impl Config {
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn new(c: usize, vb: Vb) -> Result<Self> {
-        Ok(Self {
-            weight: vb.params.get_with_hints(c, "weight", Init::Const(1.0))?,
-            bias: vb.params.get_with_hints(c, "bias", Init::Const(0.0))?,
-        })
-    }
-
-    /// Over the last axis of a channels-last tensor.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        selfsup_ops::layer_norm::layer_norm(xs, &self.weight, &self.bias, LN_EPS)
-    }
-}
-
 /// Conv with bias, channels-last.
 struct Conv {
     weight: Tensor,
@@ -161,12 +142,6 @@ impl Conv {
     }
 }
 
-fn linear(d_in: usize, d_out: usize, vb: Vb) -> Result<candle_nn::Linear> {
-    let w = vb.params.get_with_hints((d_out, d_in), "weight", INIT)?;
-    let b = vb.params.get_with_hints(d_out, "bias", Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(w, Some(b)))
-}
-
 struct Block {
     dw_weight: Tensor,
     dw_bias: Tensor,
@@ -185,7 +160,7 @@ impl Block {
         Ok(Self {
             dw_weight: vb.params.get_with_hints((d, 1, 7, 7), "conv_dw.weight", INIT)?,
             dw_bias: vb.params.get_with_hints(d, "conv_dw.bias", Init::Const(0.0))?,
-            norm: LayerNorm::new(d, vb.pp("norm"))?,
+            norm: LayerNorm::new(d, LN_EPS, vb.pp("norm"))?,
             fc1: linear(d, 4 * d, mlp.pp("fc1"))?,
             grn_weight: mlp.params.get_with_hints(4 * d, "grn.weight", Init::Const(0.0))?,
             grn_bias: mlp.params.get_with_hints(4 * d, "grn.bias", Init::Const(0.0))?,
@@ -228,8 +203,10 @@ impl ConvNextV2 {
         if cfg.depths.len() != 4 || cfg.dims.len() != 4 {
             candle_core::bail!("convnextv2: four stages expected, got depths {:?} dims {:?}", cfg.depths, cfg.dims)
         }
-        let stem =
-            (Conv::new(cfg.in_chans, cfg.dims[0], 4, vb.pp("stem.0"))?, LayerNorm::new(cfg.dims[0], vb.pp("stem.1"))?);
+        let stem = (
+            Conv::new(cfg.in_chans, cfg.dims[0], 4, vb.pp("stem.0"))?,
+            LayerNorm::new(cfg.dims[0], LN_EPS, vb.pp("stem.1"))?,
+        );
         let total: usize = cfg.depths.iter().sum();
         let mut index = 0usize;
         let mut stages = Vec::with_capacity(4);
@@ -237,7 +214,7 @@ impl ConvNextV2 {
             let vb = vb.pp(format!("stages.{i}"));
             let downsample = if i > 0 {
                 let p = cfg.dims[i - 1];
-                Some((LayerNorm::new(p, vb.pp("downsample.0"))?, Conv::new(p, d, 2, vb.pp("downsample.1"))?))
+                Some((LayerNorm::new(p, LN_EPS, vb.pp("downsample.0"))?, Conv::new(p, d, 2, vb.pp("downsample.1"))?))
             } else {
                 None
             };
@@ -249,7 +226,7 @@ impl ConvNextV2 {
             }
             stages.push(Stage { downsample, blocks });
         }
-        let head_norm = LayerNorm::new(cfg.num_features(), vb.pp("head.norm"))?;
+        let head_norm = LayerNorm::new(cfg.num_features(), LN_EPS, vb.pp("head.norm"))?;
         Ok(Self { stem, stages, head_norm, cfg: cfg.clone() })
     }
 

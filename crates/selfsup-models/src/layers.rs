@@ -109,6 +109,37 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<candle_nn
     Ok(candle_nn::Linear::new(weight, bias))
 }
 
+/// LayerNorm over the last axis (eps as given) through `selfsup_ops::layer_norm`, which keeps
+/// gradients (candle's fused LayerNorm drops them). Parameters `weight` (1) and `bias` (0).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(d: usize, eps: f64, vb: Vb) -> Result<Self> {
+        Ok(Self {
+            weight: vb.params.get_with_hints(d, "weight", Init::Const(1.0))?,
+            bias: vb.params.get_with_hints(d, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        selfsup_ops::layer_norm::layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `Linear` with timm's transformer init: weights N(0, 0.02) (timm's trunc-normal, whose
+/// truncation at +-2 never fires at that std), bias 0.
+pub fn linear_trunc_normal(d_in: usize, d_out: usize, vb: Vb) -> Result<candle_nn::Linear> {
+    let w = vb.params.get_with_hints((d_out, d_in), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?;
+    let b = vb.params.get_with_hints(d_out, "bias", Init::Const(0.0))?;
+    Ok(candle_nn::Linear::new(w, Some(b)))
+}
+
 /// Stochastic depth (timm `drop_path`, `scale_by_keep=True`): each sample's residual branch is
 /// zeroed with probability `p` and kept ones are scaled by `1 / (1 - p)`. xs: (b, ...).
 /// `key` and `layer` key the generator, so the drawn pattern is a pure function of them.

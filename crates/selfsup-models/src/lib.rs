@@ -7,6 +7,7 @@ pub mod convnextv2;
 pub mod layers;
 pub mod resnet;
 pub mod store;
+pub mod vit;
 
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,12 @@ pub enum Arch {
     Convnextv2Base,
     Convnextv2Large,
     Convnextv2Huge,
+    VitTinyPatch16,
+    VitSmallPatch16,
+    VitBasePatch16,
+    VitTinyPatch8,
+    VitSmallPatch8,
+    VitBasePatch8,
 }
 
 impl Arch {
@@ -73,6 +80,12 @@ impl Arch {
         Arch::Convnextv2Base,
         Arch::Convnextv2Large,
         Arch::Convnextv2Huge,
+        Arch::VitTinyPatch16,
+        Arch::VitSmallPatch16,
+        Arch::VitBasePatch16,
+        Arch::VitTinyPatch8,
+        Arch::VitSmallPatch8,
+        Arch::VitBasePatch8,
     ];
 }
 
@@ -81,6 +94,7 @@ impl Arch {
 pub enum Family {
     Resnet(resnet::Config),
     Convnextv2(convnextv2::Config),
+    Vit(vit::Config),
 }
 
 /// The `[model]` table of a run config.
@@ -97,6 +111,9 @@ pub struct ModelConfig {
     /// by the last block (timm's linear rule). 0 in pretraining unless a recipe says otherwise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drop_path_rate: f64,
+    /// Input side the model is built for (ViT: its position embedding; default 224).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub img_size: Option<usize>,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -139,6 +156,34 @@ impl ModelConfig {
             Arch::Convnextv2Base => Family::Convnextv2(widths(convnextv2::Config::base(c))?),
             Arch::Convnextv2Large => Family::Convnextv2(widths(convnextv2::Config::large(c))?),
             Arch::Convnextv2Huge => Family::Convnextv2(widths(convnextv2::Config::huge(c))?),
+            Arch::VitTinyPatch16
+            | Arch::VitSmallPatch16
+            | Arch::VitBasePatch16
+            | Arch::VitTinyPatch8
+            | Arch::VitSmallPatch8
+            | Arch::VitBasePatch8 => {
+                let patch = if matches!(self.arch, Arch::VitTinyPatch8 | Arch::VitSmallPatch8 | Arch::VitBasePatch8) {
+                    8
+                } else {
+                    16
+                };
+                let size = self.img_size.unwrap_or(224);
+                let mut cfg = match self.arch {
+                    Arch::VitTinyPatch16 | Arch::VitTinyPatch8 => vit::Config::tiny(patch, size, c),
+                    Arch::VitSmallPatch16 | Arch::VitSmallPatch8 => vit::Config::small(patch, size, c),
+                    _ => vit::Config::base(patch, size, c),
+                };
+                if let Some(w) = &self.widths {
+                    // (embed_dim, depth, heads): a narrow ViT of the same family.
+                    let [d, depth, heads] = w[..] else {
+                        candle_core::bail!("vit: `widths` is [embed_dim, depth, num_heads], got {w:?}")
+                    };
+                    (cfg.embed_dim, cfg.depth, cfg.num_heads) = (d, depth, heads);
+                }
+                cfg.drop_path_rate = self.drop_path_rate;
+                cfg.validate()?;
+                Family::Vit(cfg)
+            }
         })
     }
 
@@ -147,6 +192,7 @@ impl ModelConfig {
         Ok(match self.family()? {
             Family::Resnet(cfg) => cfg.stride(),
             Family::Convnextv2(_) => 32,
+            Family::Vit(cfg) => cfg.patch_size,
         })
     }
 
@@ -157,6 +203,7 @@ impl ModelConfig {
         Ok(match self.family()? {
             Family::Resnet(cfg) => Box::new(resnet::ResNet::new(&cfg, vb)?),
             Family::Convnextv2(cfg) => Box::new(convnextv2::ConvNextV2::new(&cfg, vb)?),
+            Family::Vit(cfg) => Box::new(vit::Vit::new(&cfg, vb)?),
         })
     }
 }
@@ -166,15 +213,25 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn cfg_family(arch: Arch) -> &'static str {
+        if format!("{arch:?}").starts_with("Vit") {
+            "vit"
+        } else {
+            "conv"
+        }
+    }
+
     /// Every registered architecture, narrow: forward + backward are finite and every
     /// parameter receives a gradient (catches ops that silently drop gradients).
     #[test]
     fn every_arch_trains_and_every_param_gets_a_gradient() {
         for &arch in Arch::ALL {
-            let cfg = ModelConfig { arch, in_chans: 1, widths: Some(vec![2, 4, 4, 4]), drop_path_rate: 0.1 };
+            let vit = matches!(cfg_family(arch), "vit");
+            let widths = if vit { vec![8, 2, 2] } else { vec![2, 4, 4, 4] };
+            let cfg = ModelConfig { arch, in_chans: 1, widths: Some(widths), drop_path_rate: 0.1, img_size: Some(32) };
             let vars = Vars::new(1);
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();
-            let size = cfg.stride().unwrap().max(8);
+            let size = if vit { 32 } else { cfg.stride().unwrap().max(8) };
             let xs = Tensor::randn(0f32, 1., (2, 1, size, size), &Device::Cpu).unwrap();
             let loss = m.forward_pooled(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().sum_all().unwrap();
             assert!(loss.to_scalar::<f32>().unwrap().is_finite(), "{arch:?}");

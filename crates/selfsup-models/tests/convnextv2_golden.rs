@@ -1,19 +1,13 @@
 //! ConvNeXt V2 against timm: a state_dict exported by timm loads by name (through `remap_key`
 //! / `remap_tensor`) and reproduces timm's features (fixture and script in this crate).
 
+mod common;
+
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use selfsup_models::convnextv2::{remap_key, remap_tensor, Config, ConvNextV2};
 use selfsup_models::{Backbone, Mode, Vars};
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b) =
-        (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs() / scale).fold(0.0, f32::max)
-}
 
 #[test]
 fn timm_state_dicts_load_by_name_and_reproduce_timm() {
@@ -40,8 +34,8 @@ fn timm_state_dicts_load_by_name_and_reproduce_timm() {
         let feats = model.forward_features(input, Mode::Eval).unwrap();
         let pooled = model.forward_pooled(input, Mode::Eval).unwrap();
         let (df, dp) = (
-            max_rel(&feats, &all[&format!("{prefix}.__features")]),
-            max_rel(&pooled, &all[&format!("{prefix}.__pooled")]),
+            common::max_rel(&feats, &all[&format!("{prefix}.__features")]),
+            common::max_rel(&pooled, &all[&format!("{prefix}.__pooled")]),
         );
         assert!(df < 1e-4 && dp < 1e-4, "{prefix}: features {df}, pooled {dp}");
     }

@@ -196,8 +196,13 @@ mod tests {
     use selfsup_models::Arch;
 
     fn tiny() -> (Byol, Vars) {
-        let model =
-            ModelConfig { arch: Arch::Resnet18, in_chans: 1, widths: Some(vec![4, 8, 8, 8]), drop_path_rate: 0.0 };
+        let model = ModelConfig {
+            arch: Arch::Resnet18,
+            in_chans: 1,
+            widths: Some(vec![4, 8, 8, 8]),
+            drop_path_rate: 0.0,
+            img_size: None,
+        };
         let cfg = Config { proj_hidden: 16, proj_dim: 8, base_momentum: 0.9 };
         let online = Vars::new(3);
         (Byol::new(&cfg, &model, &online, &Device::Cpu, 3).unwrap(), online)

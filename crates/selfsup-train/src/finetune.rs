@@ -75,6 +75,7 @@ impl LayerDecayRule {
                 Self::ConvnextGroup
             }
             Family::Convnextv2(cfg) => Self::ConvnextSingle { depths: cfg.depths },
+            Family::Vit(cfg) => Self::Vit { depth: cfg.depth },
         })
     }
 
@@ -725,6 +726,7 @@ mod tests {
             in_chans: 1,
             widths: Some(vec![4, 8, 8, 8]),
             drop_path_rate: cfg.drop_path,
+            img_size: None,
         };
         let vars = Vars::new(1);
         let backbone = model.build(vars.vb(DType::F32, &dev).pp("backbone")).unwrap();
