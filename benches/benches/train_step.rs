@@ -15,6 +15,7 @@ fn step(c: &mut Criterion) {
         widths: Some(vec![16, 32, 64, 128]),
         drop_path_rate: 0.0,
         img_size: None,
+        imagenet_stem: false,
     };
     let cfg = byol::Config { proj_hidden: 512, proj_dim: 128, base_momentum: 0.99 };
     let vars = Vars::new(0);

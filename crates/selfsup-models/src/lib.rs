@@ -114,6 +114,9 @@ pub struct ModelConfig {
     /// Input side the model is built for (ViT: its position embedding; default 224).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub img_size: Option<usize>,
+    /// ResNet: timm's ImageNet stem (7x7/2 conv + max-pool) instead of the small-image 3x3/1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imagenet_stem: bool,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -146,7 +149,9 @@ impl ModelConfig {
                     Some(w) => cfg.with_widths(w)?,
                     None => cfg,
                 };
-                Family::Resnet(cfg.with_drop_path_rate(self.drop_path_rate)?)
+                let mut cfg = cfg.with_drop_path_rate(self.drop_path_rate)?;
+                cfg.imagenet_stem = self.imagenet_stem;
+                Family::Resnet(cfg)
             }
             Arch::Convnextv2Atto => Family::Convnextv2(widths(convnextv2::Config::atto(c))?),
             Arch::Convnextv2Femto => Family::Convnextv2(widths(convnextv2::Config::femto(c))?),
@@ -228,7 +233,14 @@ mod tests {
         for &arch in Arch::ALL {
             let vit = matches!(cfg_family(arch), "vit");
             let widths = if vit { vec![8, 2, 2] } else { vec![2, 4, 4, 4] };
-            let cfg = ModelConfig { arch, in_chans: 1, widths: Some(widths), drop_path_rate: 0.1, img_size: Some(32) };
+            let cfg = ModelConfig {
+                arch,
+                in_chans: 1,
+                widths: Some(widths),
+                drop_path_rate: 0.1,
+                img_size: Some(32),
+                imagenet_stem: false,
+            };
             let vars = Vars::new(1);
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();
             let size = if vit { 32 } else { cfg.stride().unwrap().max(8) };

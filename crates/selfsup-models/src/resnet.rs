@@ -6,9 +6,11 @@
 //! `num_batches_tracked` and the classifier `fc`).
 //!
 //! Deviations and choices:
-//! - Only the small-image stem is implemented so far: 3x3 stride-1 conv + BN + ReLU, no
-//!   max-pool (the CIFAR variant used by solo-learn and lightly). The ImageNet stem needs an
-//!   overlapping max-pool with a backward, which candle lacks (CANDLE.md 1.3).
+//! - Two stems: timm's ImageNet stem (7x7 stride-2 conv + BN + ReLU + 3x3 stride-2 max-pool,
+//!   through `selfsup_ops::max_pool2d_nhwc`, whose backward candle lacks) and the small-image
+//!   stem (3x3 stride-1 conv + BN + ReLU, no max-pool: the CIFAR variant of solo-learn and
+//!   lightly), which is the default of run configs for small images. Both name their conv
+//!   `conv1`, so a timm state_dict loads into the ImageNet stem unchanged.
 //! - The classifier is not part of the backbone (timm's `num_classes=0`).
 //! - Stochastic depth as timm's `drop_path_rate`: block `i` of `n` (counted over all stages)
 //!   drops its residual branch per sample with probability `rate * i / (n - 1)`, after the
@@ -57,6 +59,9 @@ pub struct Config {
     pub in_chans: usize,
     /// Output channels of the stem conv.
     pub stem_width: usize,
+    /// timm's 7x7/2 conv + 3x3/2 max-pool stem instead of the small-image 3x3/1 conv.
+    #[serde(default)]
+    pub imagenet_stem: bool,
     /// Stochastic-depth rate of the last block (0 = off).
     #[serde(default)]
     pub drop_path_rate: f64,
@@ -67,7 +72,7 @@ impl Config {
         let widths = [64, 128, 256, 512];
         let strides = [1, 2, 2, 2];
         let stages = (0..4).map(|i| StageConfig { depth: depths[i], width: widths[i], stride: strides[i] }).collect();
-        Self { block, stages, in_chans, stem_width: 64, drop_path_rate: 0.0 }
+        Self { block, stages, in_chans, stem_width: 64, imagenet_stem: false, drop_path_rate: 0.0 }
     }
 
     pub fn resnet18(in_chans: usize) -> Self {
@@ -111,7 +116,7 @@ impl Config {
 
     /// Total downsampling factor of the network.
     pub fn stride(&self) -> usize {
-        self.stages.iter().map(|s| s.stride).product()
+        self.stages.iter().map(|s| s.stride).product::<usize>() * if self.imagenet_stem { 4 } else { 1 }
     }
 }
 
@@ -197,7 +202,11 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn new(cfg: &Config, vb: Vb) -> Result<Self> {
-        let conv1 = Conv2d::no_bias(cfg.in_chans, cfg.stem_width, 3, 1, 1, vb.pp("conv1"))?;
+        let conv1 = if cfg.imagenet_stem {
+            Conv2d::no_bias(cfg.in_chans, cfg.stem_width, 7, 2, 3, vb.pp("conv1"))?
+        } else {
+            Conv2d::no_bias(cfg.in_chans, cfg.stem_width, 3, 1, 1, vb.pp("conv1"))?
+        };
         let bn1 = BatchNorm::new(cfg.stem_width, vb.pp("bn1"))?;
         let mut c_in = cfg.stem_width;
         let mut layers = Vec::with_capacity(cfg.stages.len());
@@ -226,6 +235,9 @@ impl ResNet {
         }
         let xs = xs.permute((0, 2, 3, 1))?.contiguous()?;
         let mut xs = self.bn1.forward_relu_t(&self.conv1.forward(&xs)?, mode.is_train())?;
+        if self.cfg.imagenet_stem {
+            xs = selfsup_ops::max_pool2d_nhwc(&xs, 3, 2, 1)?;
+        }
         for block in self.layers.iter().flatten() {
             xs = block.forward_t(&xs, mode)?;
         }
@@ -281,6 +293,10 @@ mod tests {
         // 11_689_512 - 513_000 - 9_408 + 1_728 and 25_557_032 - 2_049_000 - 9_408 + 1_728.
         assert_eq!(build(&Config::resnet18(3)).1.params.num_elements(), 11_168_832);
         assert_eq!(build(&Config::resnet50(3)).1.params.num_elements(), 23_500_352);
+        // With timm's ImageNet stem: exactly torchvision's counts minus the fc (ResNet-50 25.6M).
+        let imagenet = |c: Config| Config { imagenet_stem: true, ..c };
+        assert_eq!(build(&imagenet(Config::resnet18(3))).1.params.num_elements(), 11_689_512 - 513_000);
+        assert_eq!(build(&imagenet(Config::resnet50(3))).1.params.num_elements(), 25_557_032 - 2_049_000);
     }
 
     #[test]

@@ -202,6 +202,7 @@ mod tests {
             widths: Some(vec![4, 8, 8, 8]),
             drop_path_rate: 0.0,
             img_size: None,
+            imagenet_stem: false,
         };
         let cfg = Config { proj_hidden: 16, proj_dim: 8, base_momentum: 0.9 };
         let online = Vars::new(3);

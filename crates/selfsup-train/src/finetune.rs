@@ -727,6 +727,7 @@ mod tests {
             widths: Some(vec![4, 8, 8, 8]),
             drop_path_rate: cfg.drop_path,
             img_size: None,
+            imagenet_stem: false,
         };
         let vars = Vars::new(1);
         let backbone = model.build(vars.vb(DType::F32, &dev).pp("backbone")).unwrap();
