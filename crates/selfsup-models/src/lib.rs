@@ -192,6 +192,17 @@ impl ModelConfig {
         })
     }
 
+    /// (trainable parameters without a classifier, multiply-accumulates of one forward at
+    /// `size x size`), counted from the config without building the model. ViT counts at its
+    /// own `img_size`.
+    pub fn cost(&self, size: usize) -> Result<(usize, usize)> {
+        Ok(match self.family()? {
+            Family::Resnet(cfg) => cfg.cost(size),
+            Family::Convnextv2(cfg) => (cfg.num_params(0), cfg.macs(size)),
+            Family::Vit(cfg) => (cfg.num_params(0), cfg.macs()),
+        })
+    }
+
     /// Total downsampling of the configured network.
     pub fn stride(&self) -> Result<usize> {
         Ok(match self.family()? {

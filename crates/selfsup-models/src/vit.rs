@@ -77,6 +77,13 @@ impl Config {
         patch + d + (self.num_patches() + 1) * d + self.depth * block + 2 * d + head
     }
 
+    /// Multiply-accumulates of one forward (patch embedding, blocks with attention).
+    pub fn macs(&self) -> usize {
+        let (d, n) = (self.embed_dim, self.num_patches());
+        let t = n + 1;
+        n * self.in_chans * self.patch_size * self.patch_size * d + self.depth * (t * 12 * d * d + 2 * t * t * d)
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.patch_size == 0 || self.img_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
             candle_core::bail!(
@@ -246,6 +253,9 @@ mod tests {
         assert_eq!(Config::base(16, 224, 3).num_params(1000), 86_567_656);
         assert_eq!(Config::small(16, 224, 3).num_params(1000), 22_050_664);
         assert_eq!(Config::tiny(16, 224, 3).num_params(1000), 5_717_416);
+        // ViT-B/16 at 224: 17.6 GMACs ("17.6 GFLOPs" in timm's and the paper's tables).
+        let g = Config::base(16, 224, 3).macs() as f64 / 1e9;
+        assert!((g - 17.6).abs() < 0.2, "{g}");
         let cfg = Config { depth: 2, ..Config::tiny(8, 32, 1) };
         let vars = Vars::new(0);
         Vit::new(&cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();

@@ -69,8 +69,13 @@ enum Command {
         #[arg(long)]
         font: Option<PathBuf>,
     },
-    /// List the registered architectures and objectives.
-    Info,
+    /// List the registered architectures (parameters and GMACs at --size), objectives and
+    /// optimizers.
+    Info {
+        /// Input side for the compute column.
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -324,20 +329,43 @@ fn run(cli: Cli) -> Result<()> {
             println!("summary written to {}", w.summary.display());
             Ok(())
         }
-        Command::Info => {
-            println!(
-                "architectures: {}",
-                selfsup_models::Arch::ALL
-                    .iter()
-                    .map(|a| serde_json::to_string(a).unwrap_or_default().trim_matches('"').to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            println!("objectives: byol");
-            println!("optimizers: sgd, lars, adamw");
-            Ok(())
+        Command::Info { size } => info(size),
+    }
+}
+
+/// The registry as a table: every architecture's parameters (without a classifier) and
+/// multiply-accumulates of one forward, counted from its config.
+fn info(size: usize) -> Result<()> {
+    use selfsup_models::{Arch, ModelConfig};
+    println!("| architecture | params (M) | GMACs at {size} px |");
+    println!("|---|---|---|");
+    for &arch in Arch::ALL {
+        let name = serde_json::to_string(&arch)?.trim_matches('"').to_string();
+        let vit = name.starts_with("vit");
+        let stems: &[bool] = if name.starts_with("resnet") { &[true, false] } else { &[false] };
+        for &imagenet_stem in stems {
+            let cfg = ModelConfig {
+                arch,
+                in_chans: 3,
+                widths: None,
+                drop_path_rate: 0.0,
+                img_size: vit.then_some(size),
+                imagenet_stem,
+            };
+            let label = match (name.starts_with("resnet"), imagenet_stem) {
+                (true, true) => format!("{name} (ImageNet stem)"),
+                (true, false) => format!("{name} (small-image stem)"),
+                _ => name.clone(),
+            };
+            match cfg.cost(size) {
+                Ok((params, macs)) => println!("| {label} | {:.2} | {:.2} |", params as f64 / 1e6, macs as f64 / 1e9),
+                Err(e) => println!("| {label} | - | {e} |"),
+            }
         }
     }
+    println!("objectives: byol");
+    println!("optimizers: sgd, lars, adamw");
+    Ok(())
 }
 
 fn pretrain(config: PathBuf, resume: Option<PathBuf>) -> Result<()> {

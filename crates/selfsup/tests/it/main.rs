@@ -393,3 +393,17 @@ fn data_pack_info_and_training_from_shards() {
         "{info}"
     );
 }
+
+#[test]
+fn info_lists_every_architecture_with_its_cost() {
+    let o = selfsup(&["info", "--size", "224"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for row in [
+        "| resnet50 (ImageNet stem) | 23.51 | 4.09 |",
+        "| convnextv2_atto | 3.39 | 0.55 |",
+        "| vit_base_patch16 | 85.80 | 17.56 |",
+    ] {
+        assert!(out.contains(row), "{row}: {out}");
+    }
+}
