@@ -4,6 +4,7 @@
 //! names; [`ModelConfig`] is the explicit registry of what can be built from a run config.
 
 pub mod convnextv2;
+pub mod cvt;
 pub mod layers;
 pub mod resnet;
 pub mod store;
@@ -64,6 +65,9 @@ pub enum Arch {
     VitTinyPatch8,
     VitSmallPatch8,
     VitBasePatch8,
+    Cvt13,
+    Cvt21,
+    CvtW24,
 }
 
 impl Arch {
@@ -86,6 +90,9 @@ impl Arch {
         Arch::VitTinyPatch8,
         Arch::VitSmallPatch8,
         Arch::VitBasePatch8,
+        Arch::Cvt13,
+        Arch::Cvt21,
+        Arch::CvtW24,
     ];
 }
 
@@ -95,6 +102,7 @@ pub enum Family {
     Resnet(resnet::Config),
     Convnextv2(convnextv2::Config),
     Vit(vit::Config),
+    Cvt(cvt::Config),
 }
 
 /// The `[model]` table of a run config.
@@ -189,6 +197,27 @@ impl ModelConfig {
                 cfg.validate()?;
                 Family::Vit(cfg)
             }
+            Arch::Cvt13 | Arch::Cvt21 | Arch::CvtW24 => {
+                let mut cfg = match self.arch {
+                    Arch::Cvt13 => cvt::Config::cvt13(c),
+                    Arch::Cvt21 => cvt::Config::cvt21(c),
+                    _ => cvt::Config::cvt_w24(c),
+                };
+                if let Some(w) = &self.widths {
+                    if w.len() != 3 || w.contains(&0) {
+                        candle_core::bail!("cvt: `widths` needs 3 positive stage dims, got {w:?}")
+                    }
+                    cfg.embed_dim = w.clone();
+                    // Keep every head at least one channel wide.
+                    cfg.num_heads = cfg.num_heads.iter().zip(w).map(|(&h, &d)| h.min(d).max(1)).collect();
+                    cfg.num_heads =
+                        cfg.num_heads.iter().zip(w).map(|(&h, &d)| if d % h == 0 { h } else { 1 }).collect();
+                }
+                if self.drop_path_rate > 0.0 {
+                    cfg.drop_path_rate = vec![0.0, 0.0, self.drop_path_rate];
+                }
+                Family::Cvt(cfg)
+            }
         })
     }
 
@@ -200,6 +229,7 @@ impl ModelConfig {
             Family::Resnet(cfg) => cfg.cost(size),
             Family::Convnextv2(cfg) => (cfg.num_params(0), cfg.macs(size)),
             Family::Vit(cfg) => (cfg.num_params(0), cfg.macs()),
+            Family::Cvt(cfg) => (cfg.num_params(0), cfg.macs(size)),
         })
     }
 
@@ -209,6 +239,7 @@ impl ModelConfig {
             Family::Resnet(cfg) => cfg.stride(),
             Family::Convnextv2(_) => 32,
             Family::Vit(cfg) => cfg.patch_size,
+            Family::Cvt(cfg) => cfg.patch.iter().map(|p| p[1]).product(),
         })
     }
 
@@ -220,6 +251,7 @@ impl ModelConfig {
             Family::Resnet(cfg) => Box::new(resnet::ResNet::new(&cfg, vb)?),
             Family::Convnextv2(cfg) => Box::new(convnextv2::ConvNextV2::new(&cfg, vb)?),
             Family::Vit(cfg) => Box::new(vit::Vit::new(&cfg, vb)?),
+            Family::Cvt(cfg) => Box::new(cvt::Cvt::new(&cfg, vb)?),
         })
     }
 }
@@ -243,7 +275,14 @@ mod tests {
     fn every_arch_trains_and_every_param_gets_a_gradient() {
         for &arch in Arch::ALL {
             let vit = matches!(cfg_family(arch), "vit");
-            let widths = if vit { vec![8, 2, 2] } else { vec![2, 4, 4, 4] };
+            let cvt = format!("{arch:?}").starts_with("Cvt");
+            let widths = if vit {
+                vec![8, 2, 2]
+            } else if cvt {
+                vec![8, 12, 16]
+            } else {
+                vec![2, 4, 4, 4]
+            };
             let cfg = ModelConfig {
                 arch,
                 in_chans: 1,
@@ -254,13 +293,26 @@ mod tests {
             };
             let vars = Vars::new(1);
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();
-            let size = if vit { 32 } else { cfg.stride().unwrap().max(8) };
+            let size = if vit {
+                32
+            } else if cvt {
+                64
+            } else {
+                cfg.stride().unwrap().max(8)
+            };
             let xs = Tensor::randn(0f32, 1., (2, 1, size, size), &Device::Cpu).unwrap();
-            let loss = m.forward_pooled(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().sum_all().unwrap();
+            // Pooled features and the final map: in CvT's last block only the class token reaches
+            // the pooled output, so the map's tokens are needed to reach every parameter.
+            let pooled = m.forward_pooled(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().sum_all().unwrap();
+            let map = m.forward_features(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().mean_all().unwrap();
+            let loss = (pooled + map).unwrap();
             assert!(loss.to_scalar::<f32>().unwrap().is_finite(), "{arch:?}");
             let grads = loss.backward().unwrap();
             let params = vars.params.vars();
-            selfsup_ops::testing::assert_every_var_has_grad(params.iter().map(|(n, v)| (n.as_str(), v)), &grads);
+            // A key bias adds the same amount to every score of a query, which softmax cancels:
+            // its gradient is exactly zero by construction (CvT keeps it, as the reference does).
+            let checked = params.iter().filter(|(n, _)| !n.ends_with("projection_key.bias"));
+            selfsup_ops::testing::assert_every_var_has_grad(checked.map(|(n, v)| (n.as_str(), v)), &grads);
         }
     }
 }

@@ -61,6 +61,8 @@ pub enum LayerDecayRule {
     ConvnextGroup,
     /// MAE ViT: `cls_token`, `pos_embed`, `patch_embed` -> 0, `blocks.i` -> i + 1.
     Vit { depth: usize },
+    /// No layer-wise decay: every parameter is in the head's layer.
+    Uniform,
 }
 
 impl LayerDecayRule {
@@ -76,6 +78,8 @@ impl LayerDecayRule {
             }
             Family::Convnextv2(cfg) => Self::ConvnextSingle { depths: cfg.depths },
             Family::Vit(cfg) => Self::Vit { depth: cfg.depth },
+            // CvT's recipes train end to end without layer-wise decay.
+            Family::Cvt(_) => Self::Uniform,
         })
     }
 
@@ -85,6 +89,7 @@ impl LayerDecayRule {
             Self::Resnet { depths } | Self::ConvnextSingle { depths } => depths.iter().sum::<usize>() + 1,
             Self::ConvnextGroup => 13,
             Self::Vit { depth } => depth + 1,
+            Self::Uniform => 0,
         }
     }
 
@@ -127,6 +132,7 @@ impl LayerDecayRule {
                 },
                 _ => head,
             },
+            Self::Uniform => 0,
             Self::Vit { .. } => match (parts[0], num(1)) {
                 ("cls_token" | "pos_embed" | "patch_embed", _) => 0,
                 ("blocks", Some(i)) => i + 1,
