@@ -216,19 +216,16 @@ impl Layer {
         // CvT scales by the full embedding dim (`dim_out ** -0.5`), not the head dim.
         let att = selfsup_ops::attention::window_attention(&q, &k, &v, (d as f64).powf(-0.5), &pos)?;
         let mut att = self.out.forward(&att.reshape((b * n, d))?)?.reshape((b, n, d))?;
-        let key = |salt: u64| match mode {
-            Mode::Train { key } => Some(selfsup_ops::rng::Rng::from_keys(&[key, salt]).next_u64()),
-            Mode::Eval => None,
-        };
-        if let Some(k) = key(0) {
-            att = drop_path(&att, self.drop_path, k, self.index)?;
+        // The two branches of block i draw as drop-path layers 2i and 2i + 1.
+        if let Mode::Train { key } = mode {
+            att = drop_path(&att, self.drop_path, key, 2 * self.index)?;
         }
         let xs = (xs + att)?;
         let z = self.fc1.forward(&self.norm_after.forward(&xs)?.reshape((b * n, d))?)?;
         let z = if self.quick_gelu { (&z * candle_nn::ops::sigmoid(&(&z * 1.702)?)?)? } else { z.gelu_erf()? };
         let mut z = self.fc2.forward(&z)?.reshape((b, n, d))?;
-        if let Some(k) = key(1) {
-            z = drop_path(&z, self.drop_path, k, self.index)?;
+        if let Mode::Train { key } = mode {
+            z = drop_path(&z, self.drop_path, key, 2 * self.index + 1)?;
         }
         xs + z
     }

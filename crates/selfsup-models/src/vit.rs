@@ -138,18 +138,15 @@ impl Block {
         let pos = selfsup_ops::attention::PositionBias::default();
         let att = selfsup_ops::attention::window_attention_qkv(&qkv, (hd as f64).powf(-0.5), &pos)?;
         let mut ys = self.proj.forward(&att.reshape((b * n, d))?)?.reshape((b, n, d))?;
-        let key = |salt: u64| match mode {
-            Mode::Train { key } => Some(selfsup_ops::rng::Rng::from_keys(&[key, salt]).next_u64()),
-            Mode::Eval => None,
-        };
-        if let Some(k) = key(0) {
-            ys = drop_path(&ys, self.drop_path, k, self.index)?;
+        // The two branches of block i draw as drop-path layers 2i and 2i + 1.
+        if let Mode::Train { key } = mode {
+            ys = drop_path(&ys, self.drop_path, key, 2 * self.index)?;
         }
         let xs = (xs + ys)?;
         let ys = self.fc1.forward(&flat(&self.norm2.forward(&xs)?)?)?.gelu_erf()?;
         let mut ys = self.fc2.forward(&ys)?.reshape((b, n, d))?;
-        if let Some(k) = key(1) {
-            ys = drop_path(&ys, self.drop_path, k, self.index)?;
+        if let Mode::Train { key } = mode {
+            ys = drop_path(&ys, self.drop_path, key, 2 * self.index + 1)?;
         }
         xs + ys
     }

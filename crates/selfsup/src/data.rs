@@ -244,7 +244,8 @@ fn describe_lmdb(path: &Path) -> Result<()> {
 }
 
 pub fn info(path: &Path) -> Result<()> {
-    match detect(path)? {
+    let kind = detect(path)?;
+    match kind {
         Kind::Shards => {
             let m = shards::read_manifest(path)?;
             describe(&path.display().to_string(), &shards::open(path)?, &m.classes);
@@ -266,11 +267,8 @@ pub fn info(path: &Path) -> Result<()> {
         }
         Kind::Idx | Kind::Cifar => {
             for split in [Split::Train, Split::Test] {
-                let set = if detect(path)? == Kind::Idx {
-                    dataset::mnist_family(path, split)?
-                } else {
-                    cifar::read(path, split)?
-                };
+                let set =
+                    if kind == Kind::Idx { dataset::mnist_family(path, split)? } else { cifar::read(path, split)? };
                 describe(&format!("{} ({})", path.display(), split.name()), &set, &[]);
             }
         }
