@@ -18,12 +18,27 @@
 //! - Drop-path rates rise linearly from 0 to `drop_path_rate` over all blocks (timm).
 //! - All LayerNorms use eps 1e-6, and run through `selfsup_ops::layer_norm` (candle's fused
 //!   LayerNorm drops gradients).
+//!
+//! FCMAE encoder mode ([`ConvNextV2::forward_masked`], METHODS.md 1.5 and Project decisions 1-2):
+//! the official `SparseConvNeXtV2` runs the stem dense, zeroes the masked positions, and from
+//! there on holds only the visible sites (MinkowskiEngine). selfsup does the same with the same
+//! weights (the encoder *is* this backbone, timm names): [`MaskedPath::Sparse`] keeps an
+//! `(n_visible, C)` site matrix through every per-site op, the 7x7 depthwise conv is the
+//! submanifold conv of `selfsup_ops::sparse`, the 2x2 downsample a gather + GEMM;
+//! [`MaskedPath::MaskedDense`] is the reference (JAX "mask -> dense conv -> mask": zero masked
+//! positions before and after every depthwise and downsample conv and after every block, GRN
+//! statistics over visible positions). Deviation from the official code: GRN normalises each
+//! sample over its own visible sites (the JAX reference), not over the whole batch as
+//! `MinkowskiGRN` does (ConvNeXt-V2 issue #86). The encoder has no head norm (the official
+//! sparse encoder has none; the fine-tuned model's `head.norm` is trained then).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::Init;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{drop_path, linear_trunc_normal as linear, LayerNorm};
+use selfsup_ops::sparse::{sparse_depthwise_conv, sparse_downsample, SiteMap};
+
+use crate::layers::{drop_path, drop_path_rows, linear_trunc_normal as linear, LayerNorm};
 use crate::store::Vb;
 use crate::{Backbone, Mode};
 
@@ -142,7 +157,8 @@ impl Conv {
     }
 }
 
-struct Block {
+/// One ConvNeXt V2 block (also FCMAE's decoder block).
+pub struct Block {
     dw_weight: Tensor,
     dw_bias: Tensor,
     norm: LayerNorm,
@@ -155,7 +171,8 @@ struct Block {
 }
 
 impl Block {
-    fn new(d: usize, drop_path: f64, index: u64, vb: Vb) -> Result<Self> {
+    /// A block of width `d` whose drop-path rate is `drop_path`; `index` keys its draws.
+    pub fn new(d: usize, drop_path: f64, index: u64, vb: Vb) -> Result<Self> {
         let mlp = vb.pp("mlp");
         Ok(Self {
             dw_weight: vb.params.get_with_hints((d, 1, 7, 7), "conv_dw.weight", INIT)?,
@@ -171,7 +188,7 @@ impl Block {
     }
 
     /// xs: (b, h, w, d) -> same.
-    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, h, w, d) = xs.dims4()?;
         let ys = selfsup_ops::dwconv::depthwise_conv2d_nhwc(xs, &self.dw_weight, Some(&self.dw_bias), 1, 3)?;
         let ys = self.norm.forward(&ys)?.reshape((b * h * w, d))?;
@@ -183,6 +200,59 @@ impl Block {
         }
         xs + ys
     }
+
+    /// Sparse form: xs (n, d) are the sites of `map`, `nb` its 7x7 neighbour table.
+    fn forward_sites(
+        &self,
+        xs: &Tensor,
+        map: &SiteMap,
+        nb: &selfsup_ops::sparse::Neighbours,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let ys = sparse_depthwise_conv(xs, nb, &self.dw_weight, Some(&self.dw_bias))?;
+        let ys = self.fc1.forward(&self.norm.forward(&ys)?)?.gelu_erf()?;
+        let ys = selfsup_ops::grn::grn_sites(&ys, map.offsets(), &self.grn_weight, &self.grn_bias)?;
+        let mut ys = self.fc2.forward(&ys)?;
+        if let Mode::Train { key } = mode {
+            ys = drop_path_rows(&ys, map.offsets(), self.drop_path, key, self.index)?;
+        }
+        xs + ys
+    }
+
+    /// Masked-dense reference of [`Self::forward_sites`]: xs (b, h, w, d), `vis` (b, h, w, 1)
+    /// is 1 at visible positions. Plain candle ops and the dense reference conv throughout.
+    fn forward_masked_dense(&self, xs: &Tensor, vis: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, h, w, d) = xs.dims4()?;
+        let ys = selfsup_ops::dwconv::depthwise_conv2d_nhwc_reference(
+            &xs.broadcast_mul(vis)?,
+            &self.dw_weight,
+            Some(&self.dw_bias),
+            1,
+            3,
+        )?
+        .broadcast_mul(vis)?;
+        let ys = self.norm.forward(&ys)?.reshape((b * h * w, d))?;
+        let ys = self.fc1.forward(&ys)?.gelu_erf()?.reshape((b, h, w, 4 * d))?;
+        // GRN with its statistics over the visible positions only.
+        let gx = ys.broadcast_mul(vis)?.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+        let nx = gx.broadcast_div(&(gx.mean_keepdim(3)? + 1e-6)?)?;
+        let ys = (ys.broadcast_mul(&nx)?.broadcast_mul(&self.grn_weight)?.broadcast_add(&self.grn_bias)? + &ys)?;
+        let mut ys = self.fc2.forward(&ys.reshape((b * h * w, 4 * d))?)?.reshape((b, h, w, d))?;
+        if let Mode::Train { key } = mode {
+            ys = drop_path(&ys, self.drop_path, key, self.index)?;
+        }
+        (xs + ys)?.broadcast_mul(vis)
+    }
+}
+
+/// How [`ConvNextV2::forward_masked`] computes (both give the same values and gradients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskedPath {
+    /// Visible sites only, submanifold depthwise conv (the fast path).
+    Sparse,
+    /// Dense maps with masked positions zeroed around every conv (the reference).
+    MaskedDense,
 }
 
 struct Stage {
@@ -232,15 +302,7 @@ impl ConvNextV2 {
 
     /// xs: (b, c, h, w) -> channels-last final map (b, h/32, w/32, c').
     pub fn forward_nhwc(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (_, c, h, w) = xs.dims4()?;
-        if c != self.cfg.in_chans {
-            candle_core::bail!("convnextv2: input has {c} channels, the model expects {}", self.cfg.in_chans)
-        }
-        if h % 32 != 0 || w % 32 != 0 {
-            candle_core::bail!("convnextv2: input {h}x{w} is not a multiple of the stride 32")
-        }
-        let xs = xs.permute((0, 2, 3, 1))?.contiguous()?;
-        let mut xs = self.stem.1.forward(&self.stem.0.forward(&xs)?)?;
+        let mut xs = self.stem_nhwc(xs)?;
         for stage in &self.stages {
             if let Some((norm, conv)) = &stage.downsample {
                 xs = conv.forward(&norm.forward(&xs)?)?;
@@ -250,6 +312,75 @@ impl ConvNextV2 {
             }
         }
         Ok(xs)
+    }
+}
+
+impl ConvNextV2 {
+    /// FCMAE's encoder. xs: (b, c, h, w); `visible`: the patch mask on the (h/32, w/32) grid of
+    /// the last stage (true = visible). Returns the last stage's map (b, h/32, w/32, C),
+    /// channels-last, zero at masked positions (the official `.dense()`), without head norm.
+    pub fn forward_masked(&self, xs: &Tensor, visible: &SiteMap, path: MaskedPath, mode: Mode) -> Result<Tensor> {
+        let (b, _, h, w) = xs.dims4()?;
+        if (visible.batch, visible.h, visible.w) != (b, h / 32, w / 32) {
+            candle_core::bail!(
+                "convnextv2: the mask grid is ({}, {}, {}), a ({b}, 3, {h}, {w}) input needs ({b}, {}, {})",
+                visible.batch,
+                visible.h,
+                visible.w,
+                h / 32,
+                w / 32
+            )
+        }
+        let stem = self.stem_nhwc(xs)?;
+        let levels = self.stages.len() - 1;
+        let mut map = visible.upsample(1 << levels)?;
+        match path {
+            MaskedPath::Sparse => {
+                let mut sites = map.gather(&stem)?;
+                for stage in &self.stages {
+                    if let Some((norm, conv)) = &stage.downsample {
+                        (sites, map) = sparse_downsample(&norm.forward(&sites)?, &map, &conv.weight, Some(&conv.bias))?;
+                    }
+                    let nb = map.neighbours(7)?;
+                    for block in &stage.blocks {
+                        sites = block.forward_sites(&sites, &map, &nb, mode)?;
+                    }
+                }
+                map.scatter(&sites)
+            }
+            MaskedPath::MaskedDense => {
+                let mut vis = map.visible_mask(xs.device())?;
+                let mut ys = stem.broadcast_mul(&vis)?;
+                for stage in &self.stages {
+                    if let Some((norm, conv)) = &stage.downsample {
+                        map = map.downsample2()?.0;
+                        let next = map.visible_mask(xs.device())?;
+                        let zs = norm.forward(&ys)?.broadcast_mul(&vis)?;
+                        ys = selfsup_ops::conv::conv2d_nhwc(&zs, &conv.weight, 2, 0)?
+                            .broadcast_add(&conv.bias)?
+                            .broadcast_mul(&next)?;
+                        vis = next;
+                    }
+                    for block in &stage.blocks {
+                        ys = block.forward_masked_dense(&ys, &vis, mode)?;
+                    }
+                }
+                Ok(ys)
+            }
+        }
+    }
+
+    /// Checks the input and runs the stem: (b, c, h, w) -> (b, h/4, w/4, d0).
+    fn stem_nhwc(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = xs.dims4()?;
+        if c != self.cfg.in_chans {
+            candle_core::bail!("convnextv2: input has {c} channels, the model expects {}", self.cfg.in_chans)
+        }
+        if h % 32 != 0 || w % 32 != 0 {
+            candle_core::bail!("convnextv2: input {h}x{w} is not a multiple of the stride 32")
+        }
+        let xs = xs.permute((0, 2, 3, 1))?.contiguous()?;
+        self.stem.1.forward(&self.stem.0.forward(&xs)?)
     }
 }
 
@@ -358,5 +489,81 @@ mod tests {
         );
         assert_eq!(w.unwrap().dims(), [32, 8]);
         assert_eq!(remap_key("head.fc.weight"), None);
+    }
+
+    fn random_mask(b: usize, g: usize, keep: usize, seed: u64) -> SiteMap {
+        let mut rng = selfsup_ops::rng::Rng::new(seed);
+        let mut vis = vec![false; b * g * g];
+        for s in 0..b {
+            let mut order: Vec<usize> = (0..g * g).collect();
+            rng.shuffle(&mut order);
+            for &j in &order[..keep] {
+                vis[s * g * g + j] = true;
+            }
+        }
+        SiteMap::from_visible(&vis, b, g, g).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs() / scale).fold(0.0, f32::max)
+    }
+
+    /// Project decision 1: the sparse encoder equals the masked-dense reference, values and
+    /// the gradient of every parameter, with drop-path active (same per-sample draws).
+    #[test]
+    fn sparse_encoder_equals_masked_dense() {
+        let cfg = Config::atto(3).with_widths(&[8, 16, 16, 24]).unwrap().with_drop_path_rate(0.3).unwrap();
+        let vars = Vars::new(4);
+        let m = ConvNextV2::new(&cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        // Non-zero biases and GRN parameters everywhere, so masked positions carry values in
+        // the dense path and the visible-only statistics matter.
+        for (_, v) in vars.params.vars() {
+            v.set(&(v.as_tensor() + v.as_tensor().randn_like(0.0, 0.2).unwrap()).unwrap()).unwrap();
+        }
+        let xs = Tensor::randn(0f32, 1., (3, 3, 96, 96), &Device::Cpu).unwrap();
+        let mask = random_mask(3, 3, 4, 11);
+        let mode = Mode::Train { key: 5 };
+        let sparse = m.forward_masked(&xs, &mask, MaskedPath::Sparse, mode).unwrap();
+        let dense = m.forward_masked(&xs, &mask, MaskedPath::MaskedDense, mode).unwrap();
+        assert_eq!(sparse.dims(), [3, 3, 3, 24]);
+        assert!(max_rel(&sparse, &dense) < 1e-4, "{}", max_rel(&sparse, &dense));
+        // Masked positions are exactly zero.
+        let flat = sparse.reshape((27, 24)).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in flat.iter().enumerate() {
+            let visible = mask.is_visible(i / 9, (i / 3) % 3, i % 3);
+            assert_eq!(row.iter().any(|&x| x != 0.0), visible, "site {i}");
+        }
+        let weights = Tensor::randn(0f32, 1., sparse.shape(), &Device::Cpu).unwrap();
+        let gs = (&sparse * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let gd = (&dense * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in vars.params.vars() {
+            if name.starts_with("head.") {
+                continue;
+            }
+            let (a, b) = (gs.get(v.as_tensor()), gd.get(v.as_tensor()));
+            let (a, b) = (a.unwrap_or_else(|| panic!("sparse: no grad for {name}")), b.unwrap());
+            assert!(max_rel(a, b) < 1e-3, "{name}: {}", max_rel(a, b));
+        }
+    }
+
+    /// With nothing masked both paths are the plain dense forward.
+    #[test]
+    fn unmasked_encoder_is_the_dense_backbone() {
+        let cfg = Config::atto(1).with_widths(&[8, 8, 16, 16]).unwrap();
+        let vars = Vars::new(2);
+        let m = ConvNextV2::new(&cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        let xs = Tensor::randn(0f32, 1., (2, 1, 64, 64), &Device::Cpu).unwrap();
+        let all = SiteMap::from_visible(&[true; 8], 2, 2, 2).unwrap();
+        let want = m.forward_nhwc(&xs, Mode::Eval).unwrap();
+        for path in [MaskedPath::Sparse, MaskedPath::MaskedDense] {
+            let got = m.forward_masked(&xs, &all, path, Mode::Eval).unwrap();
+            assert!(max_rel(&got, &want) < 1e-5, "{path:?}");
+        }
+        let wrong = SiteMap::from_visible(&[true; 18], 2, 3, 3).unwrap();
+        let e = m.forward_masked(&xs, &wrong, MaskedPath::Sparse, Mode::Eval).unwrap_err().to_string();
+        assert!(e.contains("mask grid is (2, 3, 3)"), "{e}");
     }
 }

@@ -144,20 +144,35 @@ pub fn linear_trunc_normal(d_in: usize, d_out: usize, vb: Vb) -> Result<candle_n
 /// zeroed with probability `p` and kept ones are scaled by `1 / (1 - p)`. xs: (b, ...).
 /// `key` and `layer` key the generator, so the drawn pattern is a pure function of them.
 pub fn drop_path(xs: &Tensor, p: f64, key: u64, layer: u64) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(xs.clone());
-    }
-    if p >= 1.0 {
-        return xs.zeros_like();
-    }
-    let b = xs.dim(0)?;
-    let mut rng = selfsup_ops::rng::Rng::from_keys(&[key, 0xd409_9a7b, layer]);
-    let keep = 1.0 - p;
-    let scale: Vec<f32> = (0..b).map(|_| if rng.bernoulli(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let Some(scale) = drop_path_scales(xs.dim(0)?, p, key, layer) else { return Ok(xs.clone()) };
     let mut shape = vec![1usize; xs.rank()];
-    shape[0] = b;
+    shape[0] = scale.len();
     let scale = Tensor::from_vec(scale, shape, xs.device())?.to_dtype(xs.dtype())?;
     xs.broadcast_mul(&scale)
+}
+
+/// [`drop_path`] on a site matrix xs (n, c) whose sample `i` owns rows
+/// `offsets[i]..offsets[i + 1]` (FCMAE's sparse encoder, MinkowskiDropPath): the same per-sample
+/// draws as the dense form, so the sparse and masked-dense paths drop the same samples.
+pub fn drop_path_rows(xs: &Tensor, offsets: &[usize], p: f64, key: u64, layer: u64) -> Result<Tensor> {
+    let Some(scale) = drop_path_scales(offsets.len() - 1, p, key, layer) else { return Ok(xs.clone()) };
+    let rows: Vec<f32> =
+        offsets.windows(2).zip(&scale).flat_map(|(w, &s)| std::iter::repeat_n(s, w[1] - w[0])).collect();
+    let n = rows.len();
+    xs.broadcast_mul(&Tensor::from_vec(rows, (n, 1), xs.device())?.to_dtype(xs.dtype())?)
+}
+
+/// Per-sample factors of [`drop_path`]: 0 or `1 / (1 - p)`; `None` when `p <= 0` (identity).
+fn drop_path_scales(b: usize, p: f64, key: u64, layer: u64) -> Option<Vec<f32>> {
+    if p <= 0.0 {
+        return None;
+    }
+    if p >= 1.0 {
+        return Some(vec![0.0; b]);
+    }
+    let mut rng = selfsup_ops::rng::Rng::from_keys(&[key, 0xd409_9a7b, layer]);
+    let keep = 1.0 - p;
+    Some((0..b).map(|_| if rng.bernoulli(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect())
 }
 
 #[cfg(test)]
