@@ -6,6 +6,7 @@
 //! effects beyond BatchNorm statistics; state changes happen in `after_step`.
 
 pub mod byol;
+pub mod fcmae;
 
 use std::collections::HashMap;
 
@@ -51,6 +52,12 @@ pub trait Objective {
     fn load_state(&self, tensors: &HashMap<String, Tensor>) -> Result<()>;
     /// Scalars worth logging at `progress` (e.g. the EMA momentum).
     fn stats(&self, progress: f64) -> Vec<(&'static str, f64)>;
+    /// Name prefixes of trainable parameters this objective's loss never reaches (built because
+    /// the backbone has them, trained later, e.g. at fine-tuning). The trainer keeps them out
+    /// of the optimizer; every other parameter must receive a gradient.
+    fn untrained_params(&self) -> Vec<&'static str> {
+        vec![]
+    }
 }
 
 /// The `[objective]` table of a run config: one sub-table naming the method.
@@ -58,6 +65,7 @@ pub trait Objective {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ObjectiveConfig {
     Byol(byol::Config),
+    Fcmae(fcmae::Config),
 }
 
 impl ObjectiveConfig {
@@ -65,6 +73,7 @@ impl ObjectiveConfig {
     pub fn id(&self) -> &'static str {
         match self {
             Self::Byol(_) => "byol",
+            Self::Fcmae(_) => "fcmae",
         }
     }
 
@@ -72,12 +81,14 @@ impl ObjectiveConfig {
     pub fn num_views(&self) -> usize {
         match self {
             Self::Byol(_) => 2,
+            Self::Fcmae(_) => 1,
         }
     }
 
     pub fn validate(&self) -> Result<()> {
         match self {
             Self::Byol(c) => c.validate(),
+            Self::Fcmae(c) => c.validate(),
         }
     }
 
@@ -91,6 +102,7 @@ impl ObjectiveConfig {
     ) -> Result<Box<dyn Objective>> {
         match self {
             Self::Byol(cfg) => Ok(Box::new(byol::Byol::new(cfg, model, online, device, seed)?)),
+            Self::Fcmae(cfg) => Ok(Box::new(fcmae::Fcmae::new(cfg, model, online, device)?)),
         }
     }
 }

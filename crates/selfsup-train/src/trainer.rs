@@ -104,7 +104,16 @@ impl Trainer {
                 cfg.views.len()
             )
         }
-        let params = online.params.vars().into_iter().map(|(name, var)| Param::new(name, var)).collect();
+        // Parameters the objective leaves alone (e.g. FCMAE's unused `head.norm`) stay out of the
+        // optimizer; every other one must receive a gradient at every step.
+        let frozen = objective.untrained_params();
+        let params = online
+            .params
+            .vars()
+            .into_iter()
+            .filter(|(name, _)| !frozen.iter().any(|f| name.starts_with(f)))
+            .map(|(name, var)| Param::new(name, var))
+            .collect();
         let optimizer = Optimizer::new(cfg.optimizer.clone(), params)?;
         let per_epoch = loader.batches_per_epoch();
         let mut total_steps = cfg.epochs * per_epoch;
