@@ -17,7 +17,7 @@ use selfsup_models::layers::{linear, BatchNorm};
 use selfsup_models::{Backbone, Mode, ModelConfig, Vars, Vb};
 use serde::{Deserialize, Serialize};
 
-use crate::{ema_momentum, l2_normalize, Losses, Objective, Step};
+use crate::{copy_into, ema_momentum, ema_update, l2_normalize, Losses, Objective, Step};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,13 +110,7 @@ impl Byol {
         let tvb = target_vars.vb(DType::F32, device);
         let target = ModelConfig { drop_path_rate: 0.0, ..model.clone() }.build(tvb.pp("backbone"))?;
         let target_projector = Mlp::new(d, cfg.proj_hidden, cfg.proj_dim, tvb.pp("projector"))?;
-        for (name, var) in target_vars.params.vars().into_iter().chain(target_vars.buffers.vars()) {
-            let src = online.params.get(&name).or_else(|| online.buffers.get(&name));
-            match src {
-                Some(src) => var.set(src.as_tensor())?,
-                None => candle_core::bail!("byol: target variable {name} has no online counterpart"),
-            }
-        }
+        copy_into(&target_vars, online, "byol")?;
         Ok(Self {
             cfg: cfg.clone(),
             online: backbone,
@@ -163,12 +157,7 @@ impl Objective for Byol {
     }
 
     fn after_step(&mut self, progress: f64) -> Result<()> {
-        let tau = ema_momentum(self.cfg.base_momentum, progress);
-        for (name, t) in self.target_vars.params.vars() {
-            let o = self.online_vars.params.get(&name).expect("online counterpart checked in new");
-            t.set(&((t.as_tensor() * tau)? + (o.as_tensor() * (1.0 - tau))?)?)?;
-        }
-        Ok(())
+        ema_update(&self.target_vars, &self.online_vars, ema_momentum(self.cfg.base_momentum, progress))
     }
 
     fn backbone(&self) -> &dyn Backbone {
@@ -179,10 +168,8 @@ impl Objective for Byol {
         self.target_vars.tensors().into_iter().map(|(k, v)| (format!("target.{k}"), v)).collect()
     }
 
-    fn load_state(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let stripped =
-            tensors.iter().filter_map(|(k, v)| k.strip_prefix("target.").map(|k| (k.to_string(), v.clone()))).collect();
-        self.target_vars.load(&stripped)
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.target_vars.load(&crate::strip_prefix(tensors, "target."))
     }
 
     fn stats(&self, progress: f64) -> Vec<(&'static str, f64)> {
@@ -193,17 +180,9 @@ impl Objective for Byol {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use selfsup_models::Arch;
 
     fn tiny() -> (Byol, Vars) {
-        let model = ModelConfig {
-            arch: Arch::Resnet18,
-            in_chans: 1,
-            widths: Some(vec![4, 8, 8, 8]),
-            drop_path_rate: 0.0,
-            img_size: None,
-            imagenet_stem: false,
-        };
+        let model = crate::tests::tiny_resnet();
         let cfg = Config { proj_hidden: 16, proj_dim: 8, base_momentum: 0.9 };
         let online = Vars::new(3);
         (Byol::new(&cfg, &model, &online, &Device::Cpu, 3).unwrap(), online)

@@ -276,7 +276,7 @@ impl Objective for Fcmae {
         vec![]
     }
 
-    fn load_state(&self, _tensors: &HashMap<String, Tensor>) -> Result<()> {
+    fn load_state(&mut self, _tensors: &HashMap<String, Tensor>) -> Result<()> {
         Ok(())
     }
 
@@ -384,26 +384,5 @@ mod tests {
         let t2 = dense.loss(&[imgs], Step { progress: 0.0, key: 3 }).unwrap().total;
         let (a, b) = (total.to_scalar::<f32>().unwrap(), t2.to_scalar::<f32>().unwrap());
         assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");
-    }
-
-    #[test]
-    fn overfits_one_batch() {
-        let (fcmae, online) = tiny(MaskedPath::Sparse);
-        let imgs = Tensor::randn(0f32, 1., (2, 1, 64, 64), &Device::Cpu).unwrap();
-        let vars: Vec<_> = online.params.vars().into_iter().map(|(_, v)| v).collect();
-        let mut opt = <candle_nn::AdamW as candle_nn::Optimizer>::new(
-            vars,
-            candle_nn::ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() },
-        )
-        .unwrap();
-        let step = Step { progress: 0.0, key: 7 };
-        let first = fcmae.loss(std::slice::from_ref(&imgs), step).unwrap().total.to_scalar::<f32>().unwrap();
-        let mut last = first;
-        for _ in 0..80 {
-            let l = fcmae.loss(std::slice::from_ref(&imgs), step).unwrap().total;
-            last = l.to_scalar::<f32>().unwrap();
-            candle_nn::Optimizer::backward_step(&mut opt, &l).unwrap();
-        }
-        assert!(last.is_finite() && last < 0.5 * first, "{first} -> {last}");
     }
 }

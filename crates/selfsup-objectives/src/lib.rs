@@ -6,7 +6,9 @@
 //! effects beyond BatchNorm statistics; state changes happen in `after_step`.
 
 pub mod byol;
+pub mod densecl;
 pub mod fcmae;
+pub mod moco;
 
 use std::collections::HashMap;
 
@@ -49,7 +51,7 @@ pub trait Objective {
     fn backbone(&self) -> &dyn Backbone;
     /// Untrained state, by name, for checkpoints.
     fn state(&self) -> Vec<(String, Tensor)>;
-    fn load_state(&self, tensors: &HashMap<String, Tensor>) -> Result<()>;
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
     /// Scalars worth logging at `progress` (e.g. the EMA momentum).
     fn stats(&self, progress: f64) -> Vec<(&'static str, f64)>;
     /// Name prefixes of trainable parameters this objective's loss never reaches (built because
@@ -66,6 +68,8 @@ pub trait Objective {
 pub enum ObjectiveConfig {
     Byol(byol::Config),
     Fcmae(fcmae::Config),
+    MocoV2(moco::Config),
+    Densecl(densecl::Config),
 }
 
 impl ObjectiveConfig {
@@ -74,6 +78,8 @@ impl ObjectiveConfig {
         match self {
             Self::Byol(_) => "byol",
             Self::Fcmae(_) => "fcmae",
+            Self::MocoV2(_) => "moco_v2",
+            Self::Densecl(_) => "densecl",
         }
     }
 
@@ -82,6 +88,7 @@ impl ObjectiveConfig {
         match self {
             Self::Byol(_) => 2,
             Self::Fcmae(_) => 1,
+            Self::MocoV2(_) | Self::Densecl(_) => 2,
         }
     }
 
@@ -89,6 +96,8 @@ impl ObjectiveConfig {
         match self {
             Self::Byol(c) => c.validate(),
             Self::Fcmae(c) => c.validate(),
+            Self::MocoV2(c) => c.validate(),
+            Self::Densecl(c) => c.validate(),
         }
     }
 
@@ -103,6 +112,8 @@ impl ObjectiveConfig {
         match self {
             Self::Byol(cfg) => Ok(Box::new(byol::Byol::new(cfg, model, online, device, seed)?)),
             Self::Fcmae(cfg) => Ok(Box::new(fcmae::Fcmae::new(cfg, model, online, device)?)),
+            Self::MocoV2(cfg) => Ok(Box::new(moco::MocoV2::new(cfg, model, online, device, seed)?)),
+            Self::Densecl(cfg) => Ok(Box::new(densecl::DenseCl::new(cfg, model, online, device, seed)?)),
         }
     }
 }
@@ -114,6 +125,35 @@ pub fn ema_momentum(base: f64, progress: f64) -> f64 {
     1.0 - (1.0 - base) * ((std::f64::consts::PI * p).cos() + 1.0) / 2.0
 }
 
+/// Sets every variable of `target` (parameters and buffers) to its namesake in `online`: a
+/// momentum encoder starts as a copy. Errors name a target variable without a counterpart.
+pub fn copy_into(target: &Vars, online: &Vars, what: &str) -> Result<()> {
+    for (name, var) in target.params.vars().into_iter().chain(target.buffers.vars()) {
+        match online.params.get(&name).or_else(|| online.buffers.get(&name)) {
+            Some(src) => var.set(src.as_tensor())?,
+            None => candle_core::bail!("{what}: target variable {name} has no online counterpart"),
+        }
+    }
+    Ok(())
+}
+
+/// `target <- tau * target + (1 - tau) * online` over the target's parameters (buffers, i.e.
+/// BatchNorm statistics, are the target's own, as in MoCo and BYOL).
+pub fn ema_update(target: &Vars, online: &Vars, tau: f64) -> Result<()> {
+    for (name, t) in target.params.vars() {
+        let o = online.params.get(&name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("ema: target parameter {name} has no online counterpart"))
+        })?;
+        t.set(&((t.as_tensor() * tau)? + (o.as_tensor() * (1.0 - tau))?)?)?;
+    }
+    Ok(())
+}
+
+/// The entries of `tensors` under `prefix`, with the prefix removed.
+pub fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
+}
+
 /// Rows scaled to unit L2 norm. xs: (b, d).
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_div(&(xs.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)
@@ -122,6 +162,18 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A narrow ResNet-18 on one channel, for objective tests.
+    pub(crate) fn tiny_resnet() -> ModelConfig {
+        ModelConfig {
+            arch: selfsup_models::Arch::Resnet18,
+            in_chans: 1,
+            widths: Some(vec![4, 8, 8, 8]),
+            drop_path_rate: 0.0,
+            img_size: None,
+            imagenet_stem: false,
+        }
+    }
 
     #[test]
     fn momentum_endpoints() {
@@ -136,5 +188,52 @@ mod tests {
         assert_eq!(ok.id(), "byol");
         let e = toml::from_str::<ObjectiveConfig>("[byol]\nproj_dimm = 64\n").unwrap_err().to_string();
         assert!(e.contains("proj_dimm"), "{e}");
+    }
+
+    /// METHODS.md's shared test: on one fixed batch every objective's loss falls under AdamW.
+    /// BYOL and FCMAE run their state updates between steps as in training; the queue methods
+    /// hold their queue fixed, because on one repeated batch the queue fills with copies of the
+    /// positives and the loss must rise (MoCo's negatives are other images by assumption).
+    #[test]
+    fn every_objective_overfits_one_batch() {
+        use candle_core::Device;
+        use selfsup_models::{Arch, Vars};
+        let resnet = tiny_resnet();
+        let atto = ModelConfig { arch: Arch::Convnextv2Atto, widths: Some(vec![8, 8, 16, 16]), ..resnet.clone() };
+        let cases = [
+            ("[byol]\nproj_hidden = 32\nproj_dim = 16\nbase_momentum = 0.9\n", &resnet, 16, true),
+            ("[moco_v2]\nproj_dim = 16\nqueue_size = 256\nkey_bn_splits = 2\n", &resnet, 16, false),
+            ("[densecl]\nproj_dim = 16\nqueue_size = 256\nkey_bn_splits = 2\n", &resnet, 16, false),
+            ("[fcmae]\ndecoder_embed_dim = 64\n", &atto, 64, true),
+        ];
+        for (toml_cfg, model, size, update_state) in cases {
+            let cfg: ObjectiveConfig = toml::from_str(toml_cfg).unwrap();
+            let online = Vars::new(1);
+            let mut obj = cfg.build(model, &online, &Device::Cpu, 1).unwrap();
+            let views: Vec<Tensor> =
+                (0..obj.num_views()).map(|v| selfsup_ops::testing::randn(&[8, 1, size, size], 10 + v as u64)).collect();
+            let frozen = obj.untrained_params();
+            let vars: Vec<_> = online
+                .params
+                .vars()
+                .into_iter()
+                .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f)))
+                .map(|(_, v)| v)
+                .collect();
+            let params = candle_nn::ParamsAdamW { lr: 3e-3, weight_decay: 0.0, ..Default::default() };
+            let mut opt = <candle_nn::AdamW as candle_nn::Optimizer>::new(vars, params).unwrap();
+            let mut losses = Vec::new();
+            for _ in 0..25 {
+                let l = obj.loss(&views, Step { progress: 0.0, key: 5 }).unwrap().total;
+                losses.push(l.to_scalar::<f32>().unwrap());
+                candle_nn::Optimizer::backward_step(&mut opt, &l).unwrap();
+                if update_state {
+                    obj.after_step(0.0).unwrap();
+                }
+            }
+            let (first, last) = (losses[0], *losses.last().unwrap());
+            assert!(losses.iter().all(|l| l.is_finite()), "{}: {losses:?}", cfg.id());
+            assert!(last < 0.8 * first, "{}: {first} -> {last} ({losses:?})", cfg.id());
+        }
     }
 }

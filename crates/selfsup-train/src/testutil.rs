@@ -18,6 +18,14 @@ pub fn synthetic_idx(dir: &Path, n_train: usize, n_test: usize, classes: usize) 
 
 /// A tiny BYOL run: 64 images, batch 8, `steps` steps, checkpoint every `every`.
 pub fn tiny_config(data: &Path, out: &Path, steps: usize, every: usize) -> RunConfig {
+    tiny_config_with(data, out, steps, every, BYOL)
+}
+
+/// The tiny BYOL objective table of [`tiny_config`].
+pub const BYOL: &str = "[objective.byol]\nproj_hidden = 16\nproj_dim = 8\nbase_momentum = 0.9";
+
+/// [`tiny_config`] with another two-view objective table.
+pub fn tiny_config_with(data: &Path, out: &Path, steps: usize, every: usize, objective: &str) -> RunConfig {
     let text = format!(
         r#"
 seed = 7
@@ -34,10 +42,7 @@ limit = 64
 arch = "resnet18"
 in_chans = 1
 widths = [4, 8, 8, 8]
-[objective.byol]
-proj_hidden = 16
-proj_dim = 8
-base_momentum = 0.9
+{objective}
 [[views]]
 size = 16
 crop_scale = [0.3, 1.0]
@@ -86,7 +91,7 @@ impl Objective for Never {
     fn state(&self) -> Vec<(String, Tensor)> {
         unreachable!()
     }
-    fn load_state(&self, _: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+    fn load_state(&mut self, _: &HashMap<String, Tensor>) -> candle_core::Result<()> {
         unreachable!()
     }
     fn stats(&self, _: f64) -> Vec<(&'static str, f64)> {

@@ -477,7 +477,7 @@ mod tests {
         fn state(&self) -> Vec<(String, Tensor)> {
             self.inner.state()
         }
-        fn load_state(&self, t: &HashMap<String, Tensor>) -> candle_core::Result<()> {
+        fn load_state(&mut self, t: &HashMap<String, Tensor>) -> candle_core::Result<()> {
             self.inner.load_state(t)
         }
         fn stats(&self, p: f64) -> Vec<(&'static str, f64)> {
@@ -506,6 +506,43 @@ mod tests {
 
     /// 2N steps straight and N + resume + N give identical losses, weights, target network
     /// and optimizer state; and the checkpoint directory keeps only the newest `keep`.
+    /// Queues (and their pointers) survive a resume: DenseCL's two queues and key encoder.
+    #[test]
+    fn resume_continues_exactly_with_queues() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::synthetic_idx(data.path(), 64, 8, 4);
+        let objective =
+            "[objective.densecl]\nproj_hidden = 16\nproj_dim = 8\nqueue_size = 20\nmomentum = 0.9\nkey_bn_splits = 2";
+        let cfg = |out: &std::path::Path| crate::testutil::tiny_config_with(&dir, out, 6, 3, objective);
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut straight = Trainer::new(cfg(a.path())).unwrap().quiet();
+        let s = straight.run().unwrap();
+        let mut first = Trainer::new(cfg(b.path())).unwrap().quiet();
+        first.run_until(4).unwrap();
+        drop(first);
+        let mut resumed = Trainer::new(cfg(b.path())).unwrap().quiet();
+        resumed.resume(b.path()).unwrap();
+        let tail = resumed.run().unwrap();
+        assert_eq!(tail.losses, s.losses[4..], "resumed losses differ");
+        let state = |t: &Trainer| {
+            t.objective()
+                .state()
+                .into_iter()
+                .map(|(k, v)| {
+                    (k, v.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
+        let (r, st) = (state(&resumed), state(&straight));
+        // 6 steps of 8 keys through a 20-key queue: the pointer wrapped to 48 % 20 = 8.
+        assert!(
+            r.iter().any(|(k, v)| k == "queue2_ptr" && v == &[8.0]),
+            "{:?}",
+            r.iter().map(|(k, _)| k).collect::<Vec<_>>()
+        );
+        assert_eq!(r, st);
+    }
+
     #[test]
     fn resume_continues_exactly() {
         let data = tempfile::tempdir().unwrap();
