@@ -10,6 +10,8 @@ pub mod resnet;
 pub mod store;
 pub mod vit;
 
+use std::collections::HashMap;
+
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -253,6 +255,72 @@ impl ModelConfig {
             Family::Vit(cfg) => Box::new(vit::Vit::new(&cfg, vb)?),
             Family::Cvt(cfg) => Box::new(cvt::Cvt::new(&cfg, vb)?),
         })
+    }
+}
+
+/// A reference state_dict (timm names; HF transformers for CvT) sorted for a selfsup model.
+pub struct ReferenceWeights {
+    /// Backbone variables under selfsup's names (parameters and buffers).
+    pub backbone: HashMap<String, Tensor>,
+    /// The classifier `(weight (classes, features), bias (classes,))`, when the state_dict has one.
+    pub classifier: Option<(Tensor, Tensor)>,
+    /// Keys that have no place in the model (neither backbone, classifier nor bookkeeping such
+    /// as `num_batches_tracked`).
+    pub unused: Vec<String>,
+}
+
+impl ModelConfig {
+    /// The classifier's names in the reference implementation of this family.
+    pub fn reference_head_names(&self) -> Result<(&'static str, &'static str)> {
+        Ok(match self.family()? {
+            Family::Resnet(_) => ("fc.weight", "fc.bias"),
+            Family::Convnextv2(_) => ("head.fc.weight", "head.fc.bias"),
+            Family::Vit(_) => ("head.weight", "head.bias"),
+            Family::Cvt(_) => ("classifier.weight", "classifier.bias"),
+        })
+    }
+
+    /// Sorts a reference state_dict: each family's `remap_key` (and ConvNeXt's `remap_tensor`)
+    /// for the backbone, the classifier by its reference names, the rest reported as unused.
+    pub fn map_reference_weights(&self, tensors: HashMap<String, Tensor>) -> Result<ReferenceWeights> {
+        let family = self.family()?;
+        let (hw, hb) = self.reference_head_names()?;
+        let mut backbone = HashMap::new();
+        let mut unused = Vec::new();
+        let (mut weight, mut bias) = (None, None);
+        for (key, t) in tensors {
+            let stripped = key.strip_prefix("cvt.").unwrap_or(&key);
+            if key == hw || stripped == hw {
+                weight = Some(t);
+                continue;
+            }
+            if key == hb || stripped == hb {
+                bias = Some(t);
+                continue;
+            }
+            let mapped = match &family {
+                Family::Resnet(_) => resnet::remap_key(&key),
+                Family::Convnextv2(_) => convnextv2::remap_key(&key),
+                Family::Vit(_) => vit::remap_key(&key),
+                Family::Cvt(_) => cvt::remap_key(&key),
+            };
+            match mapped {
+                Some(name) => {
+                    let t =
+                        if matches!(family, Family::Convnextv2(_)) { convnextv2::remap_tensor(&name, t)? } else { t };
+                    backbone.insert(name, t);
+                }
+                None if key.ends_with("num_batches_tracked") => {}
+                None => unused.push(key),
+            }
+        }
+        let classifier = match (weight, bias) {
+            (Some(w), Some(b)) => Some((w, b)),
+            (None, None) => None,
+            _ => candle_core::bail!("the state_dict has only one of `{hw}` and `{hb}`"),
+        };
+        unused.sort();
+        Ok(ReferenceWeights { backbone, classifier, unused })
     }
 }
 

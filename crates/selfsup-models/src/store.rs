@@ -168,6 +168,37 @@ impl Vars {
         self.buffers.load(tensors)
     }
 
+    /// [`Self::load`], and entries of `tensors` that match no variable are an error too. The
+    /// error counts missing, mis-shaped and extra tensors and names up to five of each.
+    pub fn load_exact(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let vars: HashMap<String, Var> = self.params.vars().into_iter().chain(self.buffers.vars()).collect();
+        let mut missing: Vec<&String> = vars.keys().filter(|k| !tensors.contains_key(*k)).collect();
+        let mut extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+        let mut shaped: Vec<String> = vars
+            .iter()
+            .filter_map(|(k, v)| tensors.get(k).filter(|t| t.dims() != v.dims()).map(|t| (k, t, v)))
+            .map(|(k, t, v)| format!("`{k}` {:?} (model {:?})", t.dims(), v.dims()))
+            .collect();
+        if missing.is_empty() && extra.is_empty() && shaped.is_empty() {
+            return self.load(tensors);
+        }
+        missing.sort();
+        extra.sort();
+        shaped.sort();
+        let list = |v: Vec<String>| {
+            let n = v.len();
+            let mut v = v;
+            v.truncate(5);
+            format!("{n}{}{}", if n > 0 { ": " } else { "" }, v.join(", ")) + if n > 5 { ", ..." } else { "" }
+        };
+        candle_core::bail!(
+            "weights do not fit the model: missing {}; extra {}; mis-shaped {}",
+            list(missing.into_iter().map(|k| format!("`{k}`")).collect()),
+            list(extra.into_iter().map(|k| format!("`{k}`")).collect()),
+            list(shaped)
+        )
+    }
+
     pub fn copy_from(&self, other: &Vars) -> Result<()> {
         self.params.copy_from(&other.params)?;
         self.buffers.copy_from(&other.buffers)
@@ -222,6 +253,30 @@ mod tests {
             "{e}"
         );
         assert_eq!(a.to_vec1::<f32>().unwrap(), vec![0.0; 4], "a partial load must not happen");
+    }
+
+    #[test]
+    fn load_exact_lists_missing_extra_and_misshaped() {
+        let dev = Device::Cpu;
+        let vars = Vars::new(0);
+        let vb = vars.vb(DType::F32, &dev);
+        vb.params.get_with_hints(4, "a.weight", Init::Const(0.0)).unwrap();
+        vb.params.get_with_hints((2, 3), "b.weight", Init::Const(0.0)).unwrap();
+        vb.buffers.get_with_hints(2, "bn.running_mean", Init::Const(0.0)).unwrap();
+        let t = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev).unwrap();
+        let mut tensors = HashMap::from([
+            ("a.weight".to_string(), t(&[4])),
+            ("b.weight".to_string(), t(&[2, 3])),
+            ("bn.running_mean".to_string(), t(&[2])),
+        ]);
+        vars.load_exact(&tensors).unwrap();
+        tensors.insert("head.weight".to_string(), t(&[1]));
+        tensors.insert("b.weight".to_string(), t(&[3, 2]));
+        tensors.remove("bn.running_mean");
+        let e = vars.load_exact(&tensors).unwrap_err().to_string();
+        assert!(e.contains("missing 1: `bn.running_mean`"), "{e}");
+        assert!(e.contains("extra 1: `head.weight`"), "{e}");
+        assert!(e.contains("mis-shaped 1: `b.weight` [3, 2] (model [2, 3])"), "{e}");
     }
 
     #[test]

@@ -34,14 +34,19 @@ fn stem(step: usize) -> String {
     format!("step-{step:08}")
 }
 
+/// Writes `tensors` as one safetensors file, atomically (temp file, fsync, rename).
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .with_context(|| format!("serialising {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
 /// Writes a checkpoint into `dir` and prunes all but the newest `keep`. Returns the manifest path.
 pub fn save(dir: &Path, manifest: &Manifest, tensors: &[(String, Tensor)], keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let stem = stem(manifest.step);
     let tensor_file = format!("{stem}.safetensors");
-    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
-        .with_context(|| format!("serialising checkpoint {tensor_file}"))?;
-    write_atomic(&dir.join(&tensor_file), &bytes)?;
+    save_tensors(&dir.join(&tensor_file), tensors)?;
     let manifest = Manifest { tensors: tensor_file, ..manifest.clone() };
     let path = dir.join(format!("{stem}.json"));
     write_atomic(&path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 mod data;
+mod infer;
 
 // Tensors are large and short-lived: glibc returns them to the OS and page-faults them back
 // in on every step (a fifth of a training step, measured with perf); mimalloc keeps them.
@@ -68,6 +69,26 @@ enum Command {
         /// A TrueType font for the plot text (default: DejaVu Sans or similar, if installed).
         #[arg(long)]
         font: Option<PathBuf>,
+    },
+    /// Run a registered model on a tensor with weights from a timm / HF transformers state_dict
+    /// (safetensors): writes `features` (pooled, pre-logits) and, when the weights hold a
+    /// classifier, `logits`.
+    Infer {
+        /// Architecture id, as in `selfsup info` (e.g. resnet50, convnextv2_atto, vit_tiny_patch16, cvt13).
+        #[arg(long)]
+        model: String,
+        /// The state_dict (safetensors), named as the reference implementation names it.
+        #[arg(long)]
+        weights: PathBuf,
+        /// A safetensors file with a tensor `input` of shape (N, C, H, W).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write `features` and `logits` (safetensors).
+        #[arg(long)]
+        output: PathBuf,
+        /// Stage widths of a narrow variant (as the run config's `model.widths`).
+        #[arg(long, value_delimiter = ',')]
+        widths: Option<Vec<usize>>,
     },
     /// List the registered architectures (parameters and GMACs at --size), objectives and
     /// optimizers.
@@ -330,6 +351,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Info { size } => info(size),
+        Command::Infer { model, weights, input, output, widths } => {
+            infer::infer(&model, &weights, &input, &output, widths)
+        }
     }
 }
 

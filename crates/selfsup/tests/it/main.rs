@@ -407,3 +407,88 @@ fn info_lists_every_architecture_with_its_cost() {
         assert!(out.contains(row), "{row}: {out}");
     }
 }
+
+/// `selfsup infer` loads a timm-named state_dict (with its classifier) and reproduces the model's
+/// own forward; bad weights and bad inputs are errors that name what is wrong.
+#[test]
+fn infer_reproduces_the_model_and_names_bad_weights() {
+    use candle_core::{DType, Device, Tensor};
+    use selfsup_models::{Arch, Mode, ModelConfig, Vars};
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let cfg = ModelConfig {
+        arch: Arch::Resnet18,
+        in_chans: 3,
+        widths: Some(vec![4, 8, 8, 8]),
+        drop_path_rate: 0.0,
+        img_size: None,
+        imagenet_stem: true,
+    };
+    let vars = Vars::new(11);
+    let model = cfg.build(vars.vb(DType::F32, &dev)).unwrap();
+    let mut state: std::collections::HashMap<String, Tensor> = vars.tensors().into_iter().collect();
+    state.insert("fc.weight".into(), Tensor::randn(0f32, 1., (5, 8), &dev).unwrap());
+    state.insert("fc.bias".into(), Tensor::randn(0f32, 1., 5, &dev).unwrap());
+    state.insert("bn1.num_batches_tracked".into(), Tensor::new(&[3i64], &dev).unwrap());
+    let xs = Tensor::randn(0f32, 1., (2, 3, 64, 64), &dev).unwrap();
+    let p = |n: &str| tmp.path().join(n);
+    candle_core::safetensors::save(&state, p("w.safetensors")).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("input".to_string(), xs.clone())]),
+        p("in.safetensors"),
+    )
+    .unwrap();
+    let s = |x: &std::path::PathBuf| x.to_str().unwrap().to_string();
+    let run = |weights: &str, input: &str, model: &str| {
+        selfsup(&[
+            "infer",
+            "--model",
+            model,
+            "--widths",
+            "4,8,8,8",
+            "--weights",
+            weights,
+            "--input",
+            input,
+            "--output",
+            &s(&p("out.safetensors")),
+        ])
+    };
+    let o = run(&s(&p("w.safetensors")), &s(&p("in.safetensors")), "resnet18");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = candle_core::safetensors::load(p("out.safetensors"), &dev).unwrap();
+    let want = model.forward_pooled(&xs, Mode::Eval).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff(&out["features"], &want) < 1e-5);
+    let logits = want.matmul(&state["fc.weight"].t().unwrap()).unwrap().broadcast_add(&state["fc.bias"]).unwrap();
+    assert!(diff(&out["logits"], &logits) < 1e-4);
+
+    // Extra, missing and mis-shaped tensors are named.
+    let mut bad = state.clone();
+    bad.insert("layer9.conv.weight".into(), Tensor::zeros(3, DType::F32, &dev).unwrap());
+    candle_core::safetensors::save(&bad, p("extra.safetensors")).unwrap();
+    let e = stderr(&run(&s(&p("extra.safetensors")), &s(&p("in.safetensors")), "resnet18"));
+    assert!(e.contains("extra 1: `layer9.conv.weight`") && e.contains("extra.safetensors"), "{e}");
+    let mut bad = state.clone();
+    bad.remove("layer1.0.bn1.running_var");
+    bad.insert("layer1.0.conv1.weight".into(), Tensor::zeros((4, 4, 1, 1), DType::F32, &dev).unwrap());
+    candle_core::safetensors::save(&bad, p("missing.safetensors")).unwrap();
+    let e = stderr(&run(&s(&p("missing.safetensors")), &s(&p("in.safetensors")), "resnet18"));
+    assert!(
+        e.contains("missing 1: `layer1.0.bn1.running_var`") && e.contains("mis-shaped 1: `layer1.0.conv1.weight`"),
+        "{e}"
+    );
+    // An input the model cannot take, and an unknown id.
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(
+            "input".to_string(),
+            Tensor::zeros((1, 3, 60, 60), DType::F32, &dev).unwrap(),
+        )]),
+        p("odd.safetensors"),
+    )
+    .unwrap();
+    let e = stderr(&run(&s(&p("w.safetensors")), &s(&p("odd.safetensors")), "resnet18"));
+    assert!(e.contains("60x60 is not a multiple of resnet18's total stride 32"), "{e}");
+    let e = stderr(&run(&s(&p("w.safetensors")), &s(&p("in.safetensors")), "resnet19"));
+    assert!(e.contains("`resnet19` is not a registered architecture") && e.contains("convnextv2_atto"), "{e}");
+}
