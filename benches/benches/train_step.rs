@@ -16,6 +16,7 @@ fn step(c: &mut Criterion) {
         drop_path_rate: 0.0,
         img_size: None,
         imagenet_stem: false,
+        irpe: false,
     };
     let cfg = byol::Config { proj_hidden: 512, proj_dim: 128, base_momentum: 0.99 };
     let vars = Vars::new(0);

@@ -127,6 +127,9 @@ pub struct ModelConfig {
     /// ResNet: timm's ImageNet stem (7x7/2 conv + max-pool) instead of the small-image 3x3/1.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub imagenet_stem: bool,
+    /// ViT: LoMaR's iRPE contextual key bias in every block, and no absolute position embedding.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub irpe: bool,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -141,6 +144,18 @@ impl ModelConfig {
     /// The full config of the configured architecture (widths and drop-path applied).
     pub fn family(&self) -> Result<Family> {
         let c = self.in_chans;
+        let vit = matches!(
+            self.arch,
+            Arch::VitTinyPatch16
+                | Arch::VitSmallPatch16
+                | Arch::VitBasePatch16
+                | Arch::VitTinyPatch8
+                | Arch::VitSmallPatch8
+                | Arch::VitBasePatch8
+        );
+        if self.irpe && !vit {
+            candle_core::bail!("model.irpe applies to ViT architectures only, not {:?}", self.arch)
+        }
         let widths = |cfg: convnextv2::Config| -> Result<convnextv2::Config> {
             let cfg = match &self.widths {
                 Some(w) => cfg.with_widths(w)?,
@@ -196,6 +211,7 @@ impl ModelConfig {
                     (cfg.embed_dim, cfg.depth, cfg.num_heads) = (d, depth, heads);
                 }
                 cfg.drop_path_rate = self.drop_path_rate;
+                cfg.irpe = self.irpe;
                 cfg.validate()?;
                 Family::Vit(cfg)
             }
@@ -358,6 +374,7 @@ mod tests {
                 drop_path_rate: 0.1,
                 img_size: Some(32),
                 imagenet_stem: false,
+                irpe: false,
             };
             let vars = Vars::new(1);
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();

@@ -9,7 +9,15 @@ use candle_core::{DType, Device, Tensor};
 use selfsup_models::{convnextv2, resnet, vit, Arch, ModelConfig, Vars};
 
 fn full(arch: Arch, imagenet_stem: bool) -> ModelConfig {
-    ModelConfig { arch, in_chans: 3, widths: None, drop_path_rate: 0.0, img_size: Some(224), imagenet_stem }
+    ModelConfig {
+        arch,
+        in_chans: 3,
+        widths: None,
+        drop_path_rate: 0.0,
+        img_size: Some(224),
+        imagenet_stem,
+        irpe: false,
+    }
 }
 
 #[test]

@@ -303,6 +303,7 @@ mod tests {
             drop_path_rate: 0.1,
             img_size: None,
             imagenet_stem: false,
+            irpe: false,
         };
         let cfg = Config { decoder_embed_dim: 16, path, ..Config::default() };
         let online = Vars::new(5);

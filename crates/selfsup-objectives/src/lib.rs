@@ -172,6 +172,7 @@ mod tests {
             drop_path_rate: 0.0,
             img_size: None,
             imagenet_stem: false,
+            irpe: false,
         }
     }
 

@@ -734,6 +734,7 @@ mod tests {
             drop_path_rate: cfg.drop_path,
             img_size: None,
             imagenet_stem: false,
+            irpe: false,
         };
         let vars = Vars::new(1);
         let backbone = model.build(vars.vb(DType::F32, &dev).pp("backbone")).unwrap();

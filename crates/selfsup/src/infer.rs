@@ -33,7 +33,8 @@ pub fn infer(model: &str, weights: &Path, input: &Path, output: &Path, widths: O
     let state =
         candle_core::safetensors::load(weights, &device).with_context(|| format!("reading {}", weights.display()))?;
     let imagenet_stem = state.get("conv1.weight").is_some_and(|t| t.dims().last() == Some(&7));
-    let cfg = ModelConfig { arch, in_chans: c, widths, drop_path_rate: 0.0, img_size: Some(h), imagenet_stem };
+    let cfg =
+        ModelConfig { arch, in_chans: c, widths, drop_path_rate: 0.0, img_size: Some(h), imagenet_stem, irpe: false };
     if let Family::Vit(_) = cfg.family()? {
         if h != w {
             bail!(

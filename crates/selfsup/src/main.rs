@@ -375,6 +375,7 @@ fn info(size: usize) -> Result<()> {
                 drop_path_rate: 0.0,
                 img_size: vit.then_some(size),
                 imagenet_stem,
+                irpe: false,
             };
             let label = match (name.starts_with("resnet"), imagenet_stem) {
                 (true, true) => format!("{name} (ImageNet stem)"),

@@ -423,6 +423,7 @@ fn infer_reproduces_the_model_and_names_bad_weights() {
         drop_path_rate: 0.0,
         img_size: None,
         imagenet_stem: true,
+        irpe: false,
     };
     let vars = Vars::new(11);
     let model = cfg.build(vars.vb(DType::F32, &dev)).unwrap();
