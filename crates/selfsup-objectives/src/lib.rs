@@ -8,6 +8,7 @@
 pub mod byol;
 pub mod densecl;
 pub mod fcmae;
+pub mod lomar;
 pub mod moco;
 
 use std::collections::HashMap;
@@ -70,6 +71,7 @@ pub enum ObjectiveConfig {
     Fcmae(fcmae::Config),
     MocoV2(moco::Config),
     Densecl(densecl::Config),
+    Lomar(lomar::Config),
 }
 
 impl ObjectiveConfig {
@@ -80,6 +82,7 @@ impl ObjectiveConfig {
             Self::Fcmae(_) => "fcmae",
             Self::MocoV2(_) => "moco_v2",
             Self::Densecl(_) => "densecl",
+            Self::Lomar(_) => "lomar",
         }
     }
 
@@ -87,7 +90,7 @@ impl ObjectiveConfig {
     pub fn num_views(&self) -> usize {
         match self {
             Self::Byol(_) => 2,
-            Self::Fcmae(_) => 1,
+            Self::Fcmae(_) | Self::Lomar(_) => 1,
             Self::MocoV2(_) | Self::Densecl(_) => 2,
         }
     }
@@ -98,6 +101,7 @@ impl ObjectiveConfig {
             Self::Fcmae(c) => c.validate(),
             Self::MocoV2(c) => c.validate(),
             Self::Densecl(c) => c.validate(),
+            Self::Lomar(c) => c.validate(),
         }
     }
 
@@ -114,6 +118,7 @@ impl ObjectiveConfig {
             Self::Fcmae(cfg) => Ok(Box::new(fcmae::Fcmae::new(cfg, model, online, device)?)),
             Self::MocoV2(cfg) => Ok(Box::new(moco::MocoV2::new(cfg, model, online, device, seed)?)),
             Self::Densecl(cfg) => Ok(Box::new(densecl::DenseCl::new(cfg, model, online, device, seed)?)),
+            Self::Lomar(cfg) => Ok(Box::new(lomar::Lomar::new(cfg, model, online, device)?)),
         }
     }
 }
@@ -191,7 +196,7 @@ mod tests {
         assert!(e.contains("proj_dimm"), "{e}");
     }
 
-    /// METHODS.md's shared test: on one fixed batch every objective's loss falls under AdamW.
+    /// METHODS.md's shared test: on one fixed batch every objective's loss falls under AdamW (40 steps).
     /// BYOL and FCMAE run their state updates between steps as in training; the queue methods
     /// hold their queue fixed, because on one repeated batch the queue fills with copies of the
     /// positives and the loss must rise (MoCo's negatives are other images by assumption).
@@ -201,11 +206,19 @@ mod tests {
         use selfsup_models::{Arch, Vars};
         let resnet = tiny_resnet();
         let atto = ModelConfig { arch: Arch::Convnextv2Atto, widths: Some(vec![8, 8, 16, 16]), ..resnet.clone() };
+        let vit = ModelConfig {
+            arch: Arch::VitTinyPatch8,
+            widths: Some(vec![32, 2, 2]),
+            img_size: Some(32),
+            irpe: true,
+            ..resnet.clone()
+        };
         let cases = [
             ("[byol]\nproj_hidden = 32\nproj_dim = 16\nbase_momentum = 0.9\n", &resnet, 16, true),
             ("[moco_v2]\nproj_dim = 16\nqueue_size = 256\nkey_bn_splits = 2\n", &resnet, 16, false),
             ("[densecl]\nproj_dim = 16\nqueue_size = 256\nkey_bn_splits = 2\n", &resnet, 16, false),
             ("[fcmae]\ndecoder_embed_dim = 64\n", &atto, 64, true),
+            ("[lomar]\nwindow_size = 3\nnum_window = 2\nmask_ratio = 0.6\n", &vit, 32, true),
         ];
         for (toml_cfg, model, size, update_state) in cases {
             let cfg: ObjectiveConfig = toml::from_str(toml_cfg).unwrap();
@@ -224,7 +237,7 @@ mod tests {
             let params = candle_nn::ParamsAdamW { lr: 3e-3, weight_decay: 0.0, ..Default::default() };
             let mut opt = <candle_nn::AdamW as candle_nn::Optimizer>::new(vars, params).unwrap();
             let mut losses = Vec::new();
-            for _ in 0..25 {
+            for _ in 0..40 {
                 let l = obj.loss(&views, Step { progress: 0.0, key: 5 }).unwrap().total;
                 losses.push(l.to_scalar::<f32>().unwrap());
                 candle_nn::Optimizer::backward_step(&mut opt, &l).unwrap();
