@@ -132,7 +132,8 @@ impl Config {
     }
 }
 
-struct Block {
+/// A pre-norm transformer block with timm's names (also MAE's decoder blocks).
+pub struct Block {
     norm1: LayerNorm,
     /// iRPE's `rpe_k.lookup_table_weight`, (1, head_dim, buckets).
     rpe_k: Option<Tensor>,
@@ -147,7 +148,8 @@ struct Block {
 }
 
 impl Block {
-    fn new(d: usize, heads: usize, irpe: bool, drop_path: f64, index: u64, vb: Vb) -> Result<Self> {
+    /// Width `d`, `heads` heads, optional iRPE table, drop-path rate; `index` keys its draws.
+    pub fn new(d: usize, heads: usize, irpe: bool, drop_path: f64, index: u64, vb: Vb) -> Result<Self> {
         let rpe_k = if irpe {
             let shape = (1, d / heads, irpe_num_buckets());
             Some(vb.params.get_with_hints(shape, "attn.rpe_k.lookup_table_weight", Init::Const(0.0))?)
@@ -169,7 +171,7 @@ impl Block {
     }
 
     /// xs: (b, n, d) -> same. `buckets`: iRPE bucket of every token pair, when enabled.
-    fn forward(&self, xs: &Tensor, buckets: Option<&Arc<Vec<u32>>>, mode: Mode) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, buckets: Option<&Arc<Vec<u32>>>, mode: Mode) -> Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
         let (h, hd) = (self.heads, d / self.heads);
         let flat = |t: &Tensor| t.reshape((b * n, t.dim(2)?));
@@ -330,6 +332,29 @@ impl Backbone for Vit {
     }
 }
 
+/// MAE's fixed 2-D sin-cos position embedding (`util/pos_embed.py: get_2d_sincos_pos_embed`) for
+/// a `gh x gw` grid, with a leading all-zero row for the class token when `cls`: (cls + gh gw, d)
+/// row-major. As the reference's `meshgrid(grid_w, grid_h)`, the first d/2 channels encode the
+/// column and the last d/2 the row; each half is `[sin(pos w_k), cos(pos w_k)]` with
+/// `w_k = 10000^(-k / (d/4))`.
+pub fn sincos_pos_embed_2d(d: usize, gh: usize, gw: usize, cls: bool) -> Result<Vec<f32>> {
+    if !d.is_multiple_of(4) {
+        candle_core::bail!("sin-cos position embedding needs a width divisible by 4, got {d}")
+    }
+    let quarter = d / 4;
+    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let mut out = vec![0f32; if cls { d } else { 0 }];
+    for y in 0..gh {
+        for x in 0..gw {
+            for pos in [x as f64, y as f64] {
+                out.extend(omega.iter().map(|w| (pos * w).sin() as f32));
+                out.extend(omega.iter().map(|w| (pos * w).cos() as f32));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Maps a timm ViT state_dict key to selfsup's, or `None` for the classifier.
 pub fn remap_key(key: &str) -> Option<String> {
     if key.starts_with("head.") || key.starts_with("fc_norm.") {
@@ -425,5 +450,27 @@ mod tests {
         assert!(diff > 1e-3, "{diff}");
         let e = m.encode(&windows, (7, 6), Mode::Eval).unwrap_err().to_string();
         assert!(e.contains("50 tokens do not make a class token and a 7x6 grid"), "{e}");
+    }
+
+    #[test]
+    fn sincos_matches_the_reference_formula() {
+        let e = sincos_pos_embed_2d(8, 2, 3, true).unwrap();
+        assert_eq!(e.len(), 7 * 8);
+        assert!(e[..8].iter().all(|&v| v == 0.0));
+        // Token (row 1, col 2) = index 1 + 1 * 3 + 2: [sin(2), sin(0.02), cos(2), cos(0.02), sin(1), sin(0.01), cos(1), cos(0.01)].
+        let t = &e[6 * 8..7 * 8];
+        let want = [
+            2f64.sin(),
+            0.02f64.sin(),
+            2f64.cos(),
+            0.02f64.cos(),
+            1f64.sin(),
+            0.01f64.sin(),
+            1f64.cos(),
+            0.01f64.cos(),
+        ];
+        for (a, b) in t.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{t:?}");
+        }
     }
 }

@@ -20,8 +20,6 @@
 //!   timm's block names (`conv_dw`, `norm`, `mlp.fc1`, `mlp.grn`, `mlp.fc2`), one name set for
 //!   one block type. 1x1 convs keep the reference's `(out, in, 1, 1)` weight shapes.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Init;
 use selfsup_models::convnextv2::{Block, ConvNextV2, MaskedPath};
@@ -243,8 +241,7 @@ impl Fcmae {
 
     /// Mean over masked patches of the per-patch MSE.
     pub fn loss_of(r: &Reconstruction) -> Result<Tensor> {
-        let per_patch = (&r.pred - &r.target)?.sqr()?.mean(2)?;
-        (per_patch * &r.mask.removed)?.sum_all()? / r.mask.removed.sum_all()?.to_scalar::<f32>()? as f64
+        crate::masked_patch_mse(&r.pred, &r.target, &r.mask.removed)
     }
 
     pub fn encoder(&self) -> &ConvNextV2 {
@@ -264,24 +261,8 @@ impl Objective for Fcmae {
         Ok(Losses { total, parts: vec![] })
     }
 
-    fn after_step(&mut self, _progress: f64) -> Result<()> {
-        Ok(())
-    }
-
     fn backbone(&self) -> &dyn Backbone {
         &self.encoder
-    }
-
-    fn state(&self) -> Vec<(String, Tensor)> {
-        vec![]
-    }
-
-    fn load_state(&mut self, _tensors: &HashMap<String, Tensor>) -> Result<()> {
-        Ok(())
-    }
-
-    fn stats(&self, _progress: f64) -> Vec<(&'static str, f64)> {
-        vec![]
     }
 
     /// The reference's sparse encoder has no head norm; the backbone's is trained at fine-tuning.

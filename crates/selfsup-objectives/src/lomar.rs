@@ -21,8 +21,6 @@
 //! Choices: Linear layers keep timm's init (trunc-normal 0.02) where the reference uses
 //! Xavier-uniform; `mask_token` is N(0, 0.02) as the reference's.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Init;
 use selfsup_models::layers::linear_trunc_normal;
@@ -212,29 +210,12 @@ impl Objective for Lomar {
             candle_core::bail!("lomar: views have {} channels, the model {}", imgs.dim(1)?, self.in_chans)
         }
         let (pred, target, masked, _) = self.reconstruct(imgs, step.key, step.mode(0))?;
-        let per_patch = (pred - target)?.sqr()?.mean(2)?;
-        let total = ((per_patch * &masked)?.sum_all()? / masked.sum_all()?.to_scalar::<f32>()? as f64)?;
+        let total = crate::masked_patch_mse(&pred, &target, &masked)?;
         Ok(Losses { total, parts: vec![] })
-    }
-
-    fn after_step(&mut self, _progress: f64) -> Result<()> {
-        Ok(())
     }
 
     fn backbone(&self) -> &dyn Backbone {
         &self.encoder
-    }
-
-    fn state(&self) -> Vec<(String, Tensor)> {
-        vec![]
-    }
-
-    fn load_state(&mut self, _tensors: &HashMap<String, Tensor>) -> Result<()> {
-        Ok(())
-    }
-
-    fn stats(&self, _progress: f64) -> Vec<(&'static str, f64)> {
-        vec![]
     }
 }
 
@@ -270,15 +251,7 @@ mod tests {
 
     #[test]
     fn loss_counts_masked_patches_and_every_parameter_learns() {
-        let model = ModelConfig {
-            arch: selfsup_models::Arch::VitTinyPatch8,
-            in_chans: 1,
-            widths: Some(vec![16, 2, 2]),
-            drop_path_rate: 0.1,
-            img_size: Some(32),
-            imagenet_stem: false,
-            irpe: true,
-        };
+        let model = crate::tests::tiny_vit(true);
         let cfg = Config { window_size: 3, num_window: 2, mask_ratio: 0.6, norm_pix_loss: true };
         let online = Vars::new(2);
         let lomar = Lomar::new(&cfg, &model, &online, &Device::Cpu).unwrap();
