@@ -302,7 +302,13 @@ impl ConvNextV2 {
 
     /// xs: (b, c, h, w) -> channels-last final map (b, h/32, w/32, c').
     pub fn forward_nhwc(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(self.forward_stages_nhwc(xs, mode)?.pop().expect("four stages"))
+    }
+
+    /// xs: (b, c, h, w) -> the channels-last output of every stage.
+    pub fn forward_stages_nhwc(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
         let mut xs = self.stem_nhwc(xs)?;
+        let mut out = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             if let Some((norm, conv)) = &stage.downsample {
                 xs = conv.forward(&norm.forward(&xs)?)?;
@@ -310,8 +316,9 @@ impl ConvNextV2 {
             for block in &stage.blocks {
                 xs = block.forward(&xs, mode)?;
             }
+            out.push(xs.clone());
         }
-        Ok(xs)
+        Ok(out)
     }
 }
 
@@ -387,6 +394,10 @@ impl ConvNextV2 {
 impl Backbone for ConvNextV2 {
     fn forward_features(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         self.forward_nhwc(xs, mode)?.permute((0, 3, 1, 2))
+    }
+
+    fn forward_stages(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        self.forward_stages_nhwc(xs, mode)?.into_iter().map(|t| t.permute((0, 3, 1, 2))).collect()
     }
 
     fn forward_pooled(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {

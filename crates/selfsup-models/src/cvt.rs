@@ -293,11 +293,18 @@ impl Cvt {
 
     /// xs: (b, c, h, w) -> (last map (b, h', w', d) channels-last, class token (b, d)).
     pub fn forward_parts(&self, xs: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let (mut maps, cls) = self.forward_all(xs, mode)?;
+        Ok((maps.pop().expect("at least one stage"), cls))
+    }
+
+    /// xs: (b, c, h, w) -> (every stage's map, channels-last, class token (b, d)).
+    fn forward_all(&self, xs: &Tensor, mode: Mode) -> Result<(Vec<Tensor>, Tensor)> {
         let (_, c, _, _) = xs.dims4()?;
         if c != self.cfg.in_chans {
             candle_core::bail!("cvt: input has {c} channels, the model expects {}", self.cfg.in_chans)
         }
         let mut map = xs.permute((0, 2, 3, 1))?.contiguous()?;
+        let mut maps = Vec::with_capacity(self.stages.len());
         let mut cls = None;
         for stage in &self.stages {
             let e = selfsup_ops::conv2d_nhwc(&map, &stage.embed_weight, stage.stride, stage.padding)?
@@ -315,6 +322,7 @@ impl Cvt {
                 cls = Some(tokens.narrow(1, 0, 1)?.squeeze(1)?);
             }
             map = tokens.narrow(1, c0, h * w)?.reshape((b, h, w, d))?;
+            maps.push(map.clone());
         }
         let cls = match cls {
             Some(c) => c,
@@ -323,13 +331,17 @@ impl Cvt {
                 map.reshape((b, h * w, d))?.mean(1)?
             }
         };
-        Ok((map, cls))
+        Ok((maps, cls))
     }
 }
 
 impl Backbone for Cvt {
     fn forward_features(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         self.forward_parts(xs, mode)?.0.permute((0, 3, 1, 2))
+    }
+
+    fn forward_stages(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        self.forward_all(xs, mode)?.0.into_iter().map(|t| t.permute((0, 3, 1, 2))).collect()
     }
 
     /// The class token after `layernorm` (the mean token where the last stage has none).

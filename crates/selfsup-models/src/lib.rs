@@ -41,6 +41,10 @@ pub trait Backbone: Send + Sync {
     fn forward_features(&self, xs: &Tensor, mode: Mode) -> Result<Tensor>;
     /// xs: (b, c, h, w) -> globally pooled features (b, num_features).
     fn forward_pooled(&self, xs: &Tensor, mode: Mode) -> Result<Tensor>;
+    /// xs: (b, c, h, w) -> the output map of every stage, NCHW, finest first (ResNet's layer1-4,
+    /// ConvNeXt's four stages, CvT's three; a ViT has one stage, its patch map). The last entry
+    /// is `forward_features`. For U-Net encoders and objectives that read an inner stage.
+    fn forward_stages(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>>;
     fn num_features(&self) -> usize;
     /// Total downsampling; input sizes must be multiples of it.
     fn stride(&self) -> usize;
@@ -386,6 +390,21 @@ mod tests {
                 cfg.stride().unwrap().max(8)
             };
             let xs = Tensor::randn(0f32, 1., (2, 1, size, size), &Device::Cpu).unwrap();
+            // Per-stage maps: finest first, the last one is `forward_features`.
+            let stages = m.forward_stages(&xs, Mode::Eval).unwrap();
+            let want = if vit {
+                1
+            } else if cvt {
+                3
+            } else {
+                4
+            };
+            assert_eq!(stages.len(), want, "{arch:?}");
+            let last = m.forward_features(&xs, Mode::Eval).unwrap();
+            assert_eq!(stages[want - 1].dims(), last.dims(), "{arch:?}");
+            let diff = (&stages[want - 1] - &last).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{arch:?}");
+            assert!(stages.windows(2).all(|w| w[0].dim(2).unwrap() >= w[1].dim(2).unwrap()), "{arch:?}");
             // Pooled features and the final map: in CvT's last block only the class token reaches
             // the pooled output, so the map's tokens are needed to reach every parameter.
             let pooled = m.forward_pooled(&xs, Mode::Train { key: 3 }).unwrap().sqr().unwrap().sum_all().unwrap();

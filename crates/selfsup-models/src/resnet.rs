@@ -36,7 +36,8 @@ pub enum BlockKind {
 }
 
 impl BlockKind {
-    fn expansion(self) -> usize {
+    /// Output width of a block per unit of stage width (1 basic, 4 bottleneck).
+    pub fn expansion(self) -> usize {
         match self {
             Self::Basic => 1,
             Self::Bottleneck => 4,
@@ -266,6 +267,11 @@ impl ResNet {
 
     /// xs: (b, c, h, w) -> channels-last final map (b, h', w', c').
     pub fn forward_nhwc(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(self.forward_stages_nhwc(xs, mode)?.pop().expect("at least one stage"))
+    }
+
+    /// xs: (b, c, h, w) -> the channels-last output of every layer (layer1..layer4).
+    pub fn forward_stages_nhwc(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
         let (_, c, _, _) = xs.dims4()?;
         if c != self.cfg.in_chans {
             candle_core::bail!("resnet: input has {c} channels, the model expects {}", self.cfg.in_chans)
@@ -275,16 +281,24 @@ impl ResNet {
         if self.cfg.imagenet_stem {
             xs = selfsup_ops::max_pool2d_nhwc(&xs, 3, 2, 1)?;
         }
-        for block in self.layers.iter().flatten() {
-            xs = block.forward_t(&xs, mode)?;
+        let mut stages = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            for block in layer {
+                xs = block.forward_t(&xs, mode)?;
+            }
+            stages.push(xs.clone());
         }
-        Ok(xs)
+        Ok(stages)
     }
 }
 
 impl Backbone for ResNet {
     fn forward_features(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         self.forward_nhwc(xs, mode)?.permute((0, 3, 1, 2))
+    }
+
+    fn forward_stages(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        self.forward_stages_nhwc(xs, mode)?.into_iter().map(|t| t.permute((0, 3, 1, 2))).collect()
     }
 
     fn forward_pooled(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {

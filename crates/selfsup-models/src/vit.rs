@@ -323,6 +323,11 @@ impl Backbone for Vit {
         self.forward_tokens(xs, mode)?.narrow(1, 0, 1)?.squeeze(1)
     }
 
+    /// One stage: the patch map.
+    fn forward_stages(&self, xs: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        Ok(vec![self.forward_features(xs, mode)?])
+    }
+
     fn num_features(&self) -> usize {
         self.cfg.embed_dim
     }

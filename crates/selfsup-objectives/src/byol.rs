@@ -62,15 +62,15 @@ impl Config {
     }
 }
 
-/// `Linear - BatchNorm1d - ReLU - Linear`.
-struct Mlp {
+/// `Linear - BatchNorm1d - ReLU - Linear` (also CARE's heads).
+pub(crate) struct Mlp {
     fc1: candle_nn::Linear,
     bn: BatchNorm,
     fc2: candle_nn::Linear,
 }
 
 impl Mlp {
-    fn new(d_in: usize, hidden: usize, d_out: usize, vb: Vb) -> Result<Self> {
+    pub(crate) fn new(d_in: usize, hidden: usize, d_out: usize, vb: Vb) -> Result<Self> {
         Ok(Self {
             fc1: linear(d_in, hidden, true, vb.pp("0"))?,
             bn: BatchNorm::new(hidden, vb.pp("1"))?,
@@ -79,7 +79,7 @@ impl Mlp {
     }
 
     /// xs: (b, d_in) -> (b, d_out); always in training mode (batch statistics).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.bn.forward_relu_t(&self.fc1.forward(xs)?, true)?;
         self.fc2.forward(&xs)
     }

@@ -6,6 +6,7 @@
 //! effects beyond BatchNorm statistics; state changes happen in `after_step`.
 
 pub mod byol;
+pub mod care;
 pub mod densecl;
 pub mod fcmae;
 pub mod lomar;
@@ -83,6 +84,7 @@ pub enum ObjectiveConfig {
     Densecl(densecl::Config),
     Lomar(lomar::Config),
     Mae(mae::Config),
+    Care(care::Config),
 }
 
 impl ObjectiveConfig {
@@ -95,6 +97,7 @@ impl ObjectiveConfig {
             Self::Densecl(_) => "densecl",
             Self::Lomar(_) => "lomar",
             Self::Mae(_) => "mae",
+            Self::Care(_) => "care",
         }
     }
 
@@ -103,7 +106,7 @@ impl ObjectiveConfig {
         match self {
             Self::Byol(_) => 2,
             Self::Fcmae(_) | Self::Lomar(_) | Self::Mae(_) => 1,
-            Self::MocoV2(_) | Self::Densecl(_) => 2,
+            Self::MocoV2(_) | Self::Densecl(_) | Self::Care(_) => 2,
         }
     }
 
@@ -115,6 +118,7 @@ impl ObjectiveConfig {
             Self::Densecl(c) => c.validate(),
             Self::Lomar(c) => c.validate(),
             Self::Mae(c) => c.validate(),
+            Self::Care(c) => c.validate(),
         }
     }
 
@@ -133,6 +137,7 @@ impl ObjectiveConfig {
             Self::Densecl(cfg) => Ok(Box::new(densecl::DenseCl::new(cfg, model, online, device, seed)?)),
             Self::Lomar(cfg) => Ok(Box::new(lomar::Lomar::new(cfg, model, online, device)?)),
             Self::Mae(cfg) => Ok(Box::new(mae::Mae::new(cfg, model, online, device)?)),
+            Self::Care(cfg) => Ok(Box::new(care::Care::new(cfg, model, online, device, seed)?)),
         }
     }
 }
@@ -245,6 +250,12 @@ mod tests {
             ("[moco_v2]\nproj_dim = 16\nqueue_size = 256\nkey_bn_splits = 2\n", &resnet, 16, false),
             ("[densecl]\nproj_dim = 16\nqueue_size = 256\nkey_bn_splits = 2\n", &resnet, 16, false),
             ("[fcmae]\ndecoder_embed_dim = 64\n", &atto, 64, true),
+            (
+                "[care]\nproj_hidden = 32\nproj_dim = 16\nbase_momentum = 0.9\ntrans_depth = 2\ntrans_heads = 2\ntrans_dim_head = 4\nfmap_size = 4\n",
+                &resnet,
+                16,
+                true,
+            ),
             ("[lomar]\nwindow_size = 3\nnum_window = 2\nmask_ratio = 0.6\n", &vit, 32, true),
             (
                 "[mae]\ndecoder_embed_dim = 64\ndecoder_depth = 1\ndecoder_num_heads = 2\n",
