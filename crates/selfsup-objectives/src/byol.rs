@@ -17,7 +17,7 @@ use selfsup_models::layers::{linear, BatchNorm};
 use selfsup_models::{Backbone, Mode, ModelConfig, Vars, Vb};
 use serde::{Deserialize, Serialize};
 
-use crate::{copy_into, ema_momentum, ema_update, l2_normalize, Losses, Objective, Step};
+use crate::{ema_momentum, l2_normalize, Losses, Objective, Step, Teacher};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,8 +92,7 @@ pub struct Byol {
     predictor: Mlp,
     target: Box<dyn Backbone>,
     target_projector: Mlp,
-    online_vars: Vars,
-    target_vars: Vars,
+    teacher: Teacher,
 }
 
 impl Byol {
@@ -106,21 +105,12 @@ impl Byol {
         let d = backbone.num_features();
         let projector = Mlp::new(d, cfg.proj_hidden, cfg.proj_dim, vb.pp("projector"))?;
         let predictor = Mlp::new(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, vb.pp("predictor"))?;
-        let target_vars = Vars::new(seed);
-        let tvb = target_vars.vb(DType::F32, device);
+        let teacher = Teacher::new(online, seed);
+        let tvb = teacher.vars.vb(DType::F32, device);
         let target = ModelConfig { drop_path_rate: 0.0, ..model.clone() }.build(tvb.pp("backbone"))?;
         let target_projector = Mlp::new(d, cfg.proj_hidden, cfg.proj_dim, tvb.pp("projector"))?;
-        copy_into(&target_vars, online, "byol")?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            online: backbone,
-            projector,
-            predictor,
-            target,
-            target_projector,
-            online_vars: online.clone(),
-            target_vars,
-        })
+        teacher.start("byol")?;
+        Ok(Self { cfg: cfg.clone(), online: backbone, projector, predictor, target, target_projector, teacher })
     }
 
     fn forward_online(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -157,7 +147,7 @@ impl Objective for Byol {
     }
 
     fn after_step(&mut self, progress: f64) -> Result<()> {
-        ema_update(&self.target_vars, &self.online_vars, ema_momentum(self.cfg.base_momentum, progress))
+        self.teacher.update(ema_momentum(self.cfg.base_momentum, progress))
     }
 
     fn backbone(&self) -> &dyn Backbone {
@@ -165,11 +155,11 @@ impl Objective for Byol {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        self.target_vars.tensors().into_iter().map(|(k, v)| (format!("target.{k}"), v)).collect()
+        self.teacher.state()
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.target_vars.load(&crate::strip_prefix(tensors, "target."))
+        self.teacher.load(tensors)
     }
 
     fn stats(&self, progress: f64) -> Vec<(&'static str, f64)> {
@@ -208,13 +198,13 @@ mod tests {
         let (mut byol, online) = tiny();
         let name = "backbone.conv1.weight";
         let t0 =
-            byol.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            byol.teacher.vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let o = online.params.get(name).unwrap();
         assert_eq!(t0, o.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
         o.set(&o.as_tensor().ones_like().unwrap()).unwrap();
         byol.after_step(0.0).unwrap(); // tau = 0.9
         let t1 =
-            byol.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            byol.teacher.vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in t1.iter().zip(&t0) {
             assert!((a - (0.9 * b + 0.1)).abs() < 1e-6);
         }

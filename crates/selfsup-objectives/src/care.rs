@@ -37,7 +37,7 @@ use selfsup_ops::attention::PositionBias;
 use serde::{Deserialize, Serialize};
 
 use crate::byol::{regression_loss, Mlp};
-use crate::{copy_into, ema_momentum, ema_update, l2_normalize, Losses, Objective, Step};
+use crate::{ema_momentum, l2_normalize, Losses, Objective, Step, Teacher};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,20 +313,20 @@ impl Stream {
 pub struct Care {
     cfg: Config,
     student: Stream,
+    /// The teacher's modules; its variables live in `momentum`.
     teacher: Stream,
-    online_vars: Vars,
-    teacher_vars: Vars,
+    momentum: Teacher,
 }
 
 impl Care {
     pub fn new(cfg: &Config, model: &ModelConfig, online: &Vars, device: &Device, seed: u64) -> Result<Self> {
         cfg.validate()?;
         let student = Stream::new(model, cfg, true, online.vb(DType::F32, device))?;
-        let teacher_vars = Vars::new(seed);
+        let momentum = Teacher::new(online, seed);
         let teacher_model = ModelConfig { drop_path_rate: 0.0, ..model.clone() };
-        let teacher = Stream::new(&teacher_model, cfg, false, teacher_vars.vb(DType::F32, device))?;
-        copy_into(&teacher_vars, online, "care")?;
-        Ok(Self { cfg: cfg.clone(), student, teacher, online_vars: online.clone(), teacher_vars })
+        let teacher = Stream::new(&teacher_model, cfg, false, momentum.vars.vb(DType::F32, device))?;
+        momentum.start("care")?;
+        Ok(Self { cfg: cfg.clone(), student, teacher, momentum })
     }
 
     /// The T-stream's attention-block output map for `xs` (student, eval mode), channel-mean
@@ -363,7 +363,7 @@ impl Objective for Care {
     }
 
     fn after_step(&mut self, progress: f64) -> Result<()> {
-        ema_update(&self.teacher_vars, &self.online_vars, ema_momentum(self.cfg.base_momentum, progress))
+        self.momentum.update(ema_momentum(self.cfg.base_momentum, progress))
     }
 
     fn backbone(&self) -> &dyn Backbone {
@@ -371,11 +371,11 @@ impl Objective for Care {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        self.teacher_vars.tensors().into_iter().map(|(k, v)| (format!("target.{k}"), v)).collect()
+        self.momentum.state()
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.teacher_vars.load(&crate::strip_prefix(tensors, "target."))
+        self.momentum.load(tensors)
     }
 
     fn stats(&self, progress: f64) -> Vec<(&'static str, f64)> {
@@ -431,11 +431,11 @@ mod tests {
             online.params.vars().iter().map(|(n, v)| (n.as_str(), v)),
             &grads,
         );
-        for (name, v) in care.teacher_vars.params.vars() {
+        for (name, v) in care.momentum.vars.params.vars() {
             assert!(grads.get(v.as_tensor()).is_none(), "teacher {name} got a gradient");
         }
-        assert!(care.teacher_vars.params.get("trans.0.net.3.pos_emb.height").is_some());
-        assert!(care.teacher_vars.params.get("predictor.0.weight").is_none());
+        assert!(care.momentum.vars.params.get("trans.0.net.3.pos_emb.height").is_some());
+        assert!(care.momentum.vars.params.get("predictor.0.weight").is_none());
         let big = Tensor::randn(0f32, 1., (2, 1, 32, 32), &Device::Cpu).unwrap();
         let e = care.loss(&[big.clone(), big], Step { progress: 0.0, key: 0 }).err().unwrap().to_string();
         assert!(e.contains("built for a 4x4 map (fmap_size), got 8x8"), "{e}");

@@ -26,7 +26,7 @@ use selfsup_models::{Backbone, Mode, ModelConfig, Vars, Vb};
 use serde::{Deserialize, Serialize};
 
 use crate::moco::{self, info_nce, shuffled_forward, validate_contrast, Queue};
-use crate::{copy_into, ema_update, l2_normalize, Losses, Objective, Step};
+use crate::{l2_normalize, Losses, Objective, Step, Teacher};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,8 +160,7 @@ pub struct DenseCl {
     neck: Neck,
     target: Box<dyn Backbone>,
     target_neck: Neck,
-    online_vars: Vars,
-    target_vars: Vars,
+    teacher: Teacher,
     queue: Queue,
     queue2: Queue,
     /// (k, k2) of the last `loss`, enqueued by `after_step`.
@@ -176,19 +175,18 @@ impl DenseCl {
         let c = backbone.num_features();
         let hidden = cfg.proj_hidden.unwrap_or(c);
         let neck = Neck::new(c, hidden, cfg.proj_dim, vb.clone())?;
-        let target_vars = Vars::new(seed);
-        let tvb = target_vars.vb(DType::F32, device);
+        let teacher = Teacher::new(online, seed);
+        let tvb = teacher.vars.vb(DType::F32, device);
         let target = ModelConfig { drop_path_rate: 0.0, ..model.clone() }.build(tvb.pp("backbone"))?;
         let target_neck = Neck::new(c, hidden, cfg.proj_dim, tvb)?;
-        copy_into(&target_vars, online, "densecl")?;
+        teacher.start("densecl")?;
         Ok(Self {
             cfg: cfg.clone(),
             online: backbone,
             neck,
             target,
             target_neck,
-            online_vars: online.clone(),
-            target_vars,
+            teacher,
             queue: Queue::new(cfg.queue_size, cfg.proj_dim, seed, device)?,
             queue2: Queue::new(cfg.queue_size, cfg.proj_dim, seed ^ 0xd2, device)?,
             pending: Mutex::new(None),
@@ -246,7 +244,7 @@ impl Objective for DenseCl {
     }
 
     fn after_step(&mut self, _progress: f64) -> Result<()> {
-        ema_update(&self.target_vars, &self.online_vars, self.cfg.momentum)?;
+        self.teacher.update(self.cfg.momentum)?;
         if let Some((k, k2)) = self.pending.lock().expect("pending keys lock").take() {
             self.queue.push(&k)?;
             self.queue2.push(&k2)?;
@@ -259,14 +257,14 @@ impl Objective for DenseCl {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<_> = self.target_vars.tensors().into_iter().map(|(k, v)| (format!("target.{k}"), v)).collect();
+        let mut out: Vec<_> = self.teacher.state();
         out.extend(self.queue.state("queue"));
         out.extend(self.queue2.state("queue2"));
         out
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.target_vars.load(&crate::strip_prefix(tensors, "target."))?;
+        self.teacher.load(tensors)?;
         self.queue.load("queue", tensors)?;
         self.queue2.load("queue2", tensors)
     }
@@ -315,7 +313,7 @@ mod tests {
             online.params.vars().iter().map(|(n, v)| (n.as_str(), v)),
             &grads,
         );
-        for (name, v) in dcl.target_vars.params.vars() {
+        for (name, v) in dcl.teacher.vars.params.vars() {
             assert!(grads.get(v.as_tensor()).is_none(), "target {name} got a gradient");
         }
         dcl.after_step(0.0).unwrap();

@@ -149,6 +149,40 @@ pub fn ema_momentum(base: f64, progress: f64) -> f64 {
     1.0 - (1.0 - base) * ((std::f64::consts::PI * p).cos() + 1.0) / 2.0
 }
 
+/// A momentum teacher (BYOL's target, MoCo's key encoder, CARE's teacher): its own store, built
+/// by the objective, started as a copy of the online store and moved by EMA after each step.
+/// Checkpointed under `target.`.
+pub struct Teacher {
+    pub vars: Vars,
+    online: Vars,
+}
+
+impl Teacher {
+    /// An empty store keyed by `seed`; build the teacher's modules into `vars`, then call
+    /// [`Teacher::start`].
+    pub fn new(online: &Vars, seed: u64) -> Self {
+        Self { vars: Vars::new(seed), online: online.clone() }
+    }
+
+    /// Copies the online network into the teacher (every teacher variable must have a namesake).
+    pub fn start(&self, what: &str) -> Result<()> {
+        copy_into(&self.vars, &self.online, what)
+    }
+
+    /// `teacher <- tau teacher + (1 - tau) online` over parameters.
+    pub fn update(&self, tau: f64) -> Result<()> {
+        ema_update(&self.vars, &self.online, tau)
+    }
+
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.vars.tensors().into_iter().map(|(k, v)| (format!("target.{k}"), v)).collect()
+    }
+
+    pub fn load(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.vars.load(&strip_prefix(tensors, "target."))
+    }
+}
+
 /// Sets every variable of `target` (parameters and buffers) to its namesake in `online`: a
 /// momentum encoder starts as a copy. Errors name a target variable without a counterpart.
 pub fn copy_into(target: &Vars, online: &Vars, what: &str) -> Result<()> {

@@ -29,7 +29,7 @@ use selfsup_models::{Backbone, Mode, ModelConfig, Vars, Vb};
 use selfsup_ops::rng::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::{copy_into, ema_update, l2_normalize, Losses, Objective, Step};
+use crate::{l2_normalize, Losses, Objective, Step, Teacher};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,8 +230,7 @@ pub struct MocoV2 {
     projector: Mlp,
     target: Box<dyn Backbone>,
     target_projector: Mlp,
-    online_vars: Vars,
-    target_vars: Vars,
+    teacher: Teacher,
     queue: Queue,
     /// Keys of the last `loss`, enqueued by `after_step`.
     pending: Mutex<Option<Tensor>>,
@@ -245,19 +244,18 @@ impl MocoV2 {
         let d = backbone.num_features();
         let hidden = cfg.proj_hidden.unwrap_or(d);
         let projector = Mlp::new(d, hidden, cfg.proj_dim, vb.pp("projector"))?;
-        let target_vars = Vars::new(seed);
-        let tvb = target_vars.vb(DType::F32, device);
+        let teacher = Teacher::new(online, seed);
+        let tvb = teacher.vars.vb(DType::F32, device);
         let target = ModelConfig { drop_path_rate: 0.0, ..model.clone() }.build(tvb.pp("backbone"))?;
         let target_projector = Mlp::new(d, hidden, cfg.proj_dim, tvb.pp("projector"))?;
-        copy_into(&target_vars, online, "moco_v2")?;
+        teacher.start("moco_v2")?;
         Ok(Self {
             cfg: cfg.clone(),
             online: backbone,
             projector,
             target,
             target_projector,
-            online_vars: online.clone(),
-            target_vars,
+            teacher,
             queue: Queue::new(cfg.queue_size, cfg.proj_dim, seed, device)?,
             pending: Mutex::new(None),
         })
@@ -285,7 +283,7 @@ impl Objective for MocoV2 {
     }
 
     fn after_step(&mut self, _progress: f64) -> Result<()> {
-        ema_update(&self.target_vars, &self.online_vars, self.cfg.momentum)?;
+        self.teacher.update(self.cfg.momentum)?;
         if let Some(k) = self.pending.lock().expect("pending keys lock").take() {
             self.queue.push(&k)?;
         }
@@ -297,13 +295,13 @@ impl Objective for MocoV2 {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<_> = self.target_vars.tensors().into_iter().map(|(k, v)| (format!("target.{k}"), v)).collect();
+        let mut out: Vec<_> = self.teacher.state();
         out.extend(self.queue.state("queue"));
         out
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.target_vars.load(&crate::strip_prefix(tensors, "target."))?;
+        self.teacher.load(tensors)?;
         self.queue.load("queue", tensors)
     }
 
@@ -389,7 +387,7 @@ mod tests {
             online.params.vars().iter().map(|(n, v)| (n.as_str(), v)),
             &grads,
         );
-        for (name, v) in moco.target_vars.params.vars() {
+        for (name, v) in moco.teacher.vars.params.vars() {
             assert!(grads.get(v.as_tensor()).is_none(), "target {name} got a gradient");
         }
         // The keys land in the queue; the target moves by 1 - m towards the online network.
@@ -397,11 +395,11 @@ mod tests {
         let name = "backbone.conv1.weight";
         let o = online.params.get(name).unwrap();
         let t0 =
-            moco.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            moco.teacher.vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         o.set(&o.as_tensor().ones_like().unwrap()).unwrap();
         moco.after_step(0.0).unwrap();
         let t1 =
-            moco.target_vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            moco.teacher.vars.params.get(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in t1.iter().zip(&t0) {
             assert!((a - (0.9 * b + 0.1)).abs() < 1e-6);
         }
