@@ -370,6 +370,21 @@ impl Objective for Care {
         &self.student.backbone
     }
 
+    /// The first view and the T-stream's attention map over it (min-max scaled per image).
+    fn panel(&self, views: &[Tensor], _key: u64) -> Result<Vec<crate::Column>> {
+        let imgs = &views[0];
+        let (b, _, h, w) = imgs.dims4()?;
+        let map = self.attention_map(imgs)?;
+        let (lo, hi) = (map.flatten_from(1)?.min_keepdim(1)?, map.flatten_from(1)?.max_keepdim(1)?);
+        let scaled = map.flatten_from(1)?.broadcast_sub(&lo)?.broadcast_div(&(hi - &lo)?.clamp(1e-12, f64::MAX)?)?;
+        let (mh, mw) = map.dims3().map(|(_, a, c)| (a, c))?;
+        let up = scaled.reshape((b, 1, mh, mw))?.upsample_nearest2d(h, w)?;
+        Ok(vec![
+            crate::Column { title: "input", images: imgs.clone(), space: crate::Space::View },
+            crate::Column { title: "T-stream attention", images: up, space: crate::Space::Unit },
+        ])
+    }
+
     fn state(&self) -> Vec<(String, Tensor)> {
         self.momentum.state()
     }

@@ -265,6 +265,20 @@ impl Objective for Fcmae {
         &self.encoder
     }
 
+    fn panel(&self, views: &[Tensor], key: u64) -> Result<Vec<crate::Column>> {
+        let imgs = &views[0];
+        let (_, _, h, w) = imgs.dims4()?;
+        let r = self.reconstruct(imgs, key, Mode::Eval)?;
+        crate::reconstruction_panel(
+            imgs,
+            &r.pred,
+            &r.mask.removed,
+            (h / PATCH, w / PATCH),
+            PATCH,
+            self.cfg.norm_pix_loss,
+        )
+    }
+
     /// The reference's sparse encoder has no head norm; the backbone's is trained at fine-tuning.
     fn untrained_params(&self) -> Vec<&'static str> {
         vec!["backbone.head."]

@@ -66,6 +66,12 @@ pub trait Objective {
     fn stats(&self, _progress: f64) -> Vec<(&'static str, f64)> {
         vec![]
     }
+    /// Pictures of what the objective does to the first images of `views` with the step's
+    /// `key`, for people (the trainer writes them as a PNG grid at every checkpoint): columns of
+    /// (n, c, h, w) images. Eval mode: drawing changes no state. Default: none.
+    fn panel(&self, _views: &[Tensor], _key: u64) -> Result<Vec<Column>> {
+        Ok(vec![])
+    }
     /// Name prefixes of trainable parameters this objective's loss never reaches (built because
     /// the backbone has them, trained later, e.g. at fine-tuning). The trainer keeps them out
     /// of the optimizer; every other parameter must receive a gradient.
@@ -212,6 +218,51 @@ pub fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<
     tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
 }
 
+/// How a panel column's values map to pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// Normalised like the views (the trainer undoes the view's mean/std).
+    View,
+    /// Already in [0, 1] (e.g. an attention map).
+    Unit,
+}
+
+/// One column of a panel: a title and (n, c, h, w) images.
+pub struct Column {
+    pub title: &'static str,
+    pub images: Tensor,
+    pub space: Space,
+}
+
+/// The masked-modelling panel: input, masked input, reconstruction, and the reconstruction with
+/// the visible patches pasted back (MAE's figure). pred: (b, l, p p c) patches on a `grid`;
+/// removed: (b, l), 1 = masked. Under `norm_pix` the prediction is mapped back to pixels with
+/// each target patch's own mean and std (as MAE's visualisation does).
+pub fn reconstruction_panel(
+    imgs: &Tensor,
+    pred: &Tensor,
+    removed: &Tensor,
+    grid: (usize, usize),
+    p: usize,
+    norm_pix: bool,
+) -> Result<Vec<Column>> {
+    let (b, c, _, _) = imgs.dims4()?;
+    let pred = if norm_pix {
+        let (_, mean, std) = fcmae::normalize_patches(&fcmae::patchify(imgs, p)?)?;
+        pred.broadcast_mul(&std)?.broadcast_add(&mean)?
+    } else {
+        pred.clone()
+    };
+    let (gh, gw) = grid;
+    let recon = fcmae::unpatchify(&pred, gh, gw, p, c)?;
+    let removed_px =
+        fcmae::unpatchify(&removed.unsqueeze(2)?.broadcast_as((b, gh * gw, p * p * c))?.contiguous()?, gh, gw, p, c)?;
+    let masked = (imgs * (1.0 - &removed_px)?)?;
+    let pasted = (&masked + (&recon * &removed_px)?)?;
+    let col = |title, images| Column { title, images, space: Space::View };
+    Ok(vec![col("input", imgs.clone()), col("masked", masked), col("reconstruction", recon), col("+ visible", pasted)])
+}
+
 /// The masked-modelling loss: per-patch MSE averaged over the masked patches only.
 /// pred, target: (b, l, d); removed: (b, l), 1 where the patch was masked.
 pub fn masked_patch_mse(pred: &Tensor, target: &Tensor, removed: &Tensor) -> Result<Tensor> {
@@ -227,6 +278,26 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A perfect prediction reconstructs the input exactly; masked patches are zero in the
+    /// masked column; pasting the visible patches back gives the input again.
+    #[test]
+    fn reconstruction_panel_undoes_the_patch_normalisation() {
+        let imgs = selfsup_ops::testing::randn(&[2, 3, 8, 12], 3);
+        let target = fcmae::normalize_patches(&fcmae::patchify(&imgs, 4).unwrap()).unwrap().0;
+        let removed =
+            Tensor::new(&[[1f32, 0., 1., 0., 0., 1.], [0., 0., 0., 1., 1., 1.]], &candle_core::Device::Cpu).unwrap();
+        let cols = reconstruction_panel(&imgs, &target, &removed, (2, 3), 4, true).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: &Tensor, b: &Tensor| v(a).iter().zip(v(b)).all(|(x, y)| (x - y).abs() < 1e-4);
+        assert!(close(&cols[2].images, &imgs), "reconstruction");
+        assert!(close(&cols[3].images, &imgs), "pasted");
+        // Image 0, patch (0, 0) is masked: zero; patch (0, 1) is visible: the input.
+        let masked = cols[1].images.get(0).unwrap();
+        assert!(v(&masked.narrow(1, 0, 4).unwrap().narrow(2, 0, 4).unwrap()).iter().all(|&x| x == 0.0));
+        let vis = |t: &Tensor| t.get(0).unwrap().narrow(1, 0, 4).unwrap().narrow(2, 4, 4).unwrap();
+        assert_eq!(v(&vis(&cols[1].images)), v(&vis(&imgs)));
+    }
 
     /// A narrow ResNet-18 on one channel, for objective tests.
     pub(crate) fn tiny_resnet() -> ModelConfig {
@@ -322,6 +393,19 @@ mod tests {
                 if update_state {
                     obj.after_step(0.0).unwrap();
                 }
+            }
+            // Pictures: the masked objectives show 4 columns, CARE 2, the others none; all at
+            // the views' size, one row per image.
+            let panel = obj.panel(&views, 5).unwrap();
+            let want = match cfg.id() {
+                "fcmae" | "mae" | "lomar" => 4,
+                "care" => 2,
+                _ => 0,
+            };
+            assert_eq!(panel.len(), want, "{}", cfg.id());
+            for col in &panel {
+                assert_eq!(col.images.dims()[0], 8, "{} {}", cfg.id(), col.title);
+                assert_eq!(&col.images.dims()[2..], &[size, size], "{} {}", cfg.id(), col.title);
             }
             let (first, last) = (losses[0], *losses.last().unwrap());
             assert!(losses.iter().all(|l| l.is_finite()), "{}: {losses:?}", cfg.id());

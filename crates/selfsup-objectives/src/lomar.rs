@@ -217,6 +217,35 @@ impl Objective for Lomar {
     fn backbone(&self) -> &dyn Backbone {
         &self.encoder
     }
+
+    /// Each image's first window: its masked patches greyed, their reconstruction pasted in.
+    fn panel(&self, views: &[Tensor], key: u64) -> Result<Vec<crate::Column>> {
+        let imgs = &views[0];
+        let (b, _, h, w) = imgs.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (h / p, w / p);
+        let (pred, _, _, win) = self.reconstruct(imgs, key, Mode::Eval)?;
+        let (nw, n) = (self.cfg.num_window, self.cfg.window_size.pow(2));
+        let dim = pred.dim(2)?;
+        let pred = pred.to_vec3::<f32>()?;
+        let mut full = vec![0f32; b * gh * gw * dim];
+        let mut removed = vec![0f32; b * gh * gw];
+        for i in 0..b {
+            let seq = i * nw;
+            for k in 0..n {
+                let at = seq * n + k;
+                if win.masked[at] == 1.0 {
+                    let l = i * gh * gw + win.patches[at] as usize;
+                    removed[l] = 1.0;
+                    full[l * dim..(l + 1) * dim].copy_from_slice(&pred[seq][k]);
+                }
+            }
+        }
+        let dev = imgs.device();
+        let full = Tensor::from_vec(full, (b, gh * gw, dim), dev)?;
+        let removed = Tensor::from_vec(removed, (b, gh * gw), dev)?;
+        crate::reconstruction_panel(imgs, &full, &removed, (gh, gw), p, self.cfg.norm_pix_loss)
+    }
 }
 
 #[cfg(test)]

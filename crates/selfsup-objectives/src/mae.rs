@@ -217,6 +217,11 @@ impl Objective for Mae {
         &self.encoder
     }
 
+    fn panel(&self, views: &[Tensor], key: u64) -> Result<Vec<crate::Column>> {
+        let (pred, _, removed) = self.reconstruct(&views[0], key, Mode::Eval)?;
+        crate::reconstruction_panel(&views[0], &pred, &removed, self.grid, self.patch, self.cfg.norm_pix_loss)
+    }
+
     /// The fixed sin-cos position embedding.
     fn untrained_params(&self) -> Vec<&'static str> {
         vec!["backbone.pos_embed"]

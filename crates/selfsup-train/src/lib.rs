@@ -6,6 +6,7 @@
 //! - [`checkpoint`]: atomic safetensors checkpoints with a JSON manifest; keep-last-K.
 //! - [`trainer`]: the loop: views -> loss -> backward -> clip -> step -> EMA -> log.
 //! - [`report`]: PNG plots and a Markdown summary of a run directory.
+//! - [`panel`]: the objective's pictures (reconstructions, attention maps) as a PNG per checkpoint.
 //! - [`finetune`]: end-to-end fine-tuning with layer-wise lr decay, label smoothing and
 //!   drop-path (an evaluation protocol, here because it trains).
 //!
@@ -16,6 +17,7 @@ pub mod config;
 pub mod finetune;
 pub mod fsutil;
 pub mod optim;
+pub mod panel;
 pub mod report;
 pub mod schedule;
 pub mod trainer;

@@ -203,6 +203,19 @@ impl Trainer {
         Ok(())
     }
 
+    /// The objective's pictures of this step's first 8 images, as `samples/step-XXXXXXXX.png`.
+    fn write_panel(&self, views: &[Tensor], key: u64) -> Result<()> {
+        let n = views[0].dim(0)?.min(8);
+        let first = views.iter().map(|v| v.narrow(0, 0, n)).collect::<candle_core::Result<Vec<_>>>()?;
+        let columns = self.objective.panel(&first, key).context("drawing the objective's panel")?;
+        if columns.is_empty() {
+            return Ok(());
+        }
+        let path = self.cfg.output_dir.join("samples").join(format!("step-{:08}.png", self.step));
+        let view = &self.cfg.views[0];
+        crate::panel::write_panel(&path, &columns, &view.mean, &view.std)
+    }
+
     fn save(&mut self, loss: f64) -> Result<PathBuf> {
         let mut tensors: Vec<(String, Tensor)> =
             self.online.tensors().into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
@@ -383,6 +396,7 @@ impl Trainer {
             }
             if self.step.is_multiple_of(self.cfg.checkpoint.every) || self.step == stop {
                 self.save(loss)?;
+                self.write_panel(&views, key)?;
             }
         }
         if let Some(bar) = bar {
@@ -506,6 +520,23 @@ mod tests {
 
     /// 2N steps straight and N + resume + N give identical losses, weights, target network
     /// and optimizer state; and the checkpoint directory keeps only the newest `keep`.
+    /// Objectives with pictures get a PNG per checkpoint (CARE: input and attention map).
+    #[test]
+    fn checkpoints_come_with_the_objective_panel() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::synthetic_idx(data.path(), 64, 8, 4);
+        let out = tempfile::tempdir().unwrap();
+        let objective = "[objective.care]\nproj_hidden = 16\nproj_dim = 8\ntrans_depth = 1\ntrans_heads = 2\ntrans_dim_head = 4\nfmap_size = 4";
+        let cfg = crate::testutil::tiny_config_with(&dir, out.path(), 4, 2, objective);
+        Trainer::new(cfg).unwrap().quiet().run().unwrap();
+        for step in [2, 4] {
+            let path = out.path().join(format!("samples/step-{step:08}.png"));
+            let img = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
+            // Two columns (input, attention) of 16 px views enlarged 6x, 8 rows.
+            assert_eq!(img.dimensions(), (2 * 98 + 2, 8 * 98 + 2));
+        }
+    }
+
     /// Queues (and their pointers) survive a resume: DenseCL's two queues and key encoder.
     #[test]
     fn resume_continues_exactly_with_queues() {
