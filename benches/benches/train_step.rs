@@ -1,13 +1,81 @@
-//! One BYOL training step (two views, online forward + backward, target forward) of the
-//! demo's network, at the demo's 16 px and at 32 px. Throughput = batch / time per step.
+//! Whole training steps: forward, backward, the AdamW update and the objective's state update
+//! (EMA teacher, queues), batch 32 at 64 px on full-width backbones, for FCMAE/convnextv2_atto,
+//! LoMaR/vit_tiny (patch 8, iRPE; an 8x8 grid holds two distinct 7x7 window rows and columns, so
+//! `num_window = 2`), DenseCL/resnet18, BYOL/resnet18 and CARE/resnet18 (ImageNet stem, so
+//! layer3 is 4x4). `benches/torch_train_step.py` runs the same steps in PyTorch and
+//! `cargo xtask bench` prints the two side by side. FCMAE also times its masked-dense reference
+//! path (`reference`), the computation PyTorch does. Also the demo's BYOL step (`byol_step_*`).
+//! Throughput = images (pairs for two-view objectives) per second.
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use selfsup_benches::randn;
 use selfsup_models::{Arch, ModelConfig, Vars};
-use selfsup_objectives::{byol, Objective, Step};
+use selfsup_objectives::{byol, Objective, ObjectiveConfig, Step};
+use selfsup_train::optim::{AdamWConfig, Optimizer, OptimizerConfig, Param};
 
-fn step(c: &mut Criterion) {
+const BATCH: usize = 32;
+const SIZE: usize = 64;
+
+fn model(arch: Arch) -> ModelConfig {
+    ModelConfig {
+        arch,
+        in_chans: 3,
+        widths: None,
+        drop_path_rate: 0.0,
+        img_size: Some(SIZE),
+        imagenet_stem: matches!(arch, Arch::Resnet18),
+        irpe: matches!(arch, Arch::VitTinyPatch8),
+    }
+}
+
+/// One objective's full step, timed as criterion bench `name` in `group`.
+fn bench_step(c: &mut Criterion, group: &str, name: &str, model: &ModelConfig, objective: &str) {
+    let cfg: ObjectiveConfig = toml::from_str(objective).expect("valid objective table");
+    let online = Vars::new(0);
+    let mut obj = cfg.build(model, &online, &Device::Cpu, 0).expect("objective builds");
+    let frozen = obj.untrained_params();
+    let params = online
+        .params
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f)))
+        .map(|(n, v)| Param::new(n, v))
+        .collect();
+    let adamw = AdamWConfig { lr: 1e-4, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.05 };
+    let mut opt = Optimizer::new(OptimizerConfig::Adamw(adamw), params).expect("optimizer");
+    let views: Vec<_> = (0..obj.num_views()).map(|v| randn(&[BATCH, 3, SIZE, SIZE], 1 + v as u64)).collect();
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut step = 0u64;
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            step += 1;
+            let l = obj.loss(&views, Step { progress: 0.5, key: step }).unwrap();
+            let grads = l.total.backward().unwrap();
+            opt.step(&grads, 1e-4, 1.0).unwrap();
+            obj.after_step(0.5).unwrap();
+        })
+    });
+    g.finish();
+}
+
+fn steps(c: &mut Criterion) {
+    selfsup_benches::init();
+    let atto = model(Arch::Convnextv2Atto);
+    bench_step(c, "step_fcmae_convnextv2_atto_64px", "selfsup", &atto, "[fcmae]\npath = \"sparse\"\n");
+    bench_step(c, "step_fcmae_convnextv2_atto_64px", "reference", &atto, "[fcmae]\npath = \"masked_dense\"\n");
+    let lomar = "[lomar]\nwindow_size = 7\nnum_window = 2\nmask_ratio = 0.8\n";
+    bench_step(c, "step_lomar_vit_tiny_64px", "selfsup", &model(Arch::VitTinyPatch8), lomar);
+    let r18 = model(Arch::Resnet18);
+    bench_step(c, "step_densecl_resnet18_64px", "selfsup", &r18, "[densecl]\n");
+    bench_step(c, "step_byol_resnet18_64px", "selfsup", &r18, "[byol]\n");
+    bench_step(c, "step_care_resnet18_64px", "selfsup", &r18, "[care]\nfmap_size = 4\n");
+}
+
+/// The demo's BYOL step (two views, online forward + backward, target forward) at 16 and 32 px.
+fn demo_step(c: &mut Criterion) {
     selfsup_benches::init();
     let model = ModelConfig {
         arch: Arch::Resnet18,
@@ -37,5 +105,5 @@ fn step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, step);
+criterion_group!(benches, steps, demo_step);
 criterion_main!(benches);

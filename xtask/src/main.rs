@@ -3,7 +3,7 @@
 //! ```text
 //! cargo xtask ci      fmt check, repository rules, clippy -D warnings, tests (release profile)
 //! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN, linear-probe and fine-tuning tables, report (the README's main job)
-//! cargo xtask bench   criterion benches, PyTorch on the same op shapes, then a summary table
+//! cargo xtask bench   criterion benches, PyTorch on the same ops and training steps, then a summary table
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -132,9 +132,32 @@ fn bench(args: &[String]) -> Result<()> {
     let _ = std::fs::remove_file(root().join("target/criterion/data-bench.json"));
     run(&mut cmd)?;
     torch_ops(args)?;
+    torch_steps(args)?;
     torch_data()?;
     summary()?;
     data_summary()
+}
+
+/// Times the PyTorch peers of the training-step benches (benches/torch_train_step.py) when the
+/// Rust step benches ran in this invocation.
+fn torch_steps(args: &[String]) -> Result<()> {
+    let dir = root().join("target/criterion");
+    let out = dir.join("torch-steps.json");
+    let _ = std::fs::remove_file(&out);
+    let filter = args.iter().find(|a| !a.starts_with('-'));
+    if filter.is_some_and(|f| !f.contains("step")) {
+        return Ok(());
+    }
+    let python = std::env::var("SELFSUP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut cmd = Command::new(python);
+    cmd.arg(root().join("benches/torch_train_step.py")).arg(&out);
+    if let Some(filter) = filter {
+        cmd.env("SELFSUP_BENCH_FILTER", filter);
+    }
+    if let Err(e) = run(&mut cmd) {
+        eprintln!("xtask: the PyTorch training-step comparison failed ({e:#}); printing the Rust numbers only");
+    }
+    Ok(())
 }
 
 /// Runs the PyTorch DataLoader peer of the data bench (benches/torch_data.py) on the JPEG
@@ -209,7 +232,12 @@ struct Measured {
 /// whose name contains `step` (images/s).
 fn summary() -> Result<()> {
     let dir = root().join("target/criterion");
-    let torch = std::fs::read_to_string(dir.join("torch-ops.json")).unwrap_or_default();
+    // PyTorch's seconds per case, keyed by group name: the ops peers and the step peers.
+    let torch = ["torch-ops.json", "torch-steps.json"]
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut lines = Vec::new();
     for group in sorted_dirs(&dir)? {
         let gname = group.file_name().unwrap_or_default().to_string_lossy().to_string();
