@@ -31,6 +31,11 @@ impl Conv2d {
         Ok(Self { weight, bias: None, stride, padding })
     }
 
+    /// From existing weight (c_out, c_in, k, k) and optional bias (c_out,) tensors.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self { weight, bias, stride, padding }
+    }
+
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }

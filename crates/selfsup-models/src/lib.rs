@@ -7,6 +7,7 @@ pub mod convnextv2;
 pub mod cvt;
 pub mod layers;
 pub mod resnet;
+pub mod segnetr;
 pub mod store;
 pub mod vit;
 

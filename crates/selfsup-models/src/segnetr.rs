@@ -1,0 +1,600 @@
+//! SegNetr (Cheng et al., MICCAI 2023) and a plain U-Net of the same depth, for segmentation.
+//!
+//! No code was released; this follows the paper's description as METHODS.md 1.4 records it.
+//! Both networks are channels-last inside and take / return NCHW: (b, c, h, w) images to
+//! (b, classes, h, w) logits.
+//!
+//! **SegNetr.** Stem `Conv3x3 -> BN -> GELU` to `widths[0]` at full resolution; four encoder
+//! stages (full, 1/2, 1/4, 1/8 resolution) of SegNetr blocks, joined by patch merging (PM:
+//! lossless space-to-depth, then `LayerNorm -> Linear(4C -> C')` as Swin's); three decoder
+//! stages, each upsampling by patch expanding (`Linear(C' -> 4C)` then depth-to-space), fusing the
+//! IRSC skip of its level and running SegNetr blocks; a `1x1` conv head.
+//! - *SegNetr block*: `MBConv`, then `y + w_l LR(local(LP_P(LN y))) + w_g GR(global(GP_P(LN y)))`,
+//!   then `+ FFN(LN .)` (pre-norm residuals; FFN ratio 4, GELU).
+//! - *Spatial attention* in a group of N positions (P x P for the local branch, 2P x 2P for the
+//!   global one): the channel mean of each position, a `Linear(N -> N)` over positions, a softmax
+//!   over positions, and the features weighted by `N * softmax` (the factor N keeps the mean
+//!   weight at 1, so the branch starts near the identity: the paper leaves the scale open).
+//! - *Partitions*: LP/LR and GP/GR are `selfsup_ops::partition`'s window and global partitions
+//!   (exact inverses, tested there). Patch sizes P = (8, 4, 2, 1) by stage, so the global groups
+//!   are 16, 8, 4, 2; a decoder stage uses its encoder stage's sizes. With P = 1 a local group is
+//!   one position, where the softmax is identically 1: that branch is the identity and has no
+//!   parameters.
+//! - *Branch weights* `w_l`, `w_g`: learned scalars, 0.5 each at init.
+//! - *MBConv*: `1x1 expand (x4) -> BN -> GELU -> dw3x3 -> BN -> GELU -> SE (1/4) -> 1x1 -> BN`,
+//!   plus the identity.
+//! - *IRSC*: PM's space-to-depth of the encoder map at level i, every other channel (half of the
+//!   4C), depth-to-space back (patch reverse, PR): the encoder map's even channels at their exact
+//!   positions, (h, w, C/2). Fusion (left open by the paper): concat with the upsampled decoder
+//!   map, then `1x1 conv -> BN -> GELU` to C.
+//!
+//! **U-Net** (the baseline "of comparable depth"): the same four levels and widths; each level is
+//! `(Conv3x3 -> BN -> ReLU) x 2`; max-pool 2x2 down; up is bilinear x2 then `1x1 conv` halving the
+//! channels (the bilinear variant of the common PyTorch U-Net), concat with the skip, double conv.
+//!
+//! Inputs must be multiples of 16 (the stage-0 global group). Init: convs Kaiming normal
+//! (fan-out), Linear PyTorch default, norms 1/0.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::Init;
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{linear, BatchNorm, Conv2d, LayerNorm};
+use crate::store::Vb;
+use crate::Mode;
+
+/// A network that maps images to per-pixel class logits.
+pub trait Segmenter: Send + Sync {
+    /// xs: (b, c, h, w) -> logits (b, classes, h, w).
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor>;
+    fn num_classes(&self) -> usize;
+    /// Input sides must be multiples of this.
+    fn multiple(&self) -> usize;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub in_chans: usize,
+    pub num_classes: usize,
+    /// Channels of the four levels (full, 1/2, 1/4, 1/8 resolution).
+    pub widths: [usize; 4],
+    /// SegNetr blocks per encoder level (decoder levels 0-2 use the same counts).
+    #[serde(default = "default_depths")]
+    pub depths: [usize; 4],
+    /// Local patch size per level (the global groups are twice as wide).
+    #[serde(default = "default_patches")]
+    pub patches: [usize; 4],
+    /// Which SegNetr branches run (the ablation of the paper): local, global.
+    #[serde(default = "default_branches")]
+    pub branches: [bool; 2],
+}
+
+fn default_depths() -> [usize; 4] {
+    [1, 1, 1, 1]
+}
+fn default_patches() -> [usize; 4] {
+    [8, 4, 2, 1]
+}
+fn default_branches() -> [bool; 2] {
+    [true, true]
+}
+
+impl Config {
+    pub fn new(in_chans: usize, num_classes: usize, widths: [usize; 4]) -> Self {
+        Self {
+            in_chans,
+            num_classes,
+            widths,
+            depths: default_depths(),
+            patches: default_patches(),
+            branches: default_branches(),
+        }
+    }
+
+    fn validate(&self, what: &str) -> Result<()> {
+        if self.in_chans == 0 || self.num_classes == 0 || self.widths.contains(&0) {
+            candle_core::bail!("{what}: in_chans, num_classes and widths must be positive")
+        }
+        if self.widths.iter().any(|w| w % 2 != 0) {
+            candle_core::bail!("{what}: widths must be even (the skip keeps half the channels), got {:?}", self.widths)
+        }
+        Ok(())
+    }
+}
+
+fn conv(c_in: usize, c_out: usize, k: usize, vb: Vb) -> Result<Conv2d> {
+    Conv2d::no_bias(c_in, c_out, k, 1, k / 2, vb)
+}
+
+/// `Conv -> BN -> activation`, channels-last.
+struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(c_in: usize, c_out: usize, k: usize, vb: Vb) -> Result<Self> {
+        Ok(Self { conv: conv(c_in, c_out, k, vb.pp("conv"))?, bn: BatchNorm::new(c_out, vb.pp("bn"))? })
+    }
+
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(xs)?, mode.is_train())
+    }
+}
+
+/// Inverted bottleneck with squeeze-excite.
+struct MbConv {
+    expand: ConvBn,
+    dw_weight: Tensor,
+    dw_bn: BatchNorm,
+    se_reduce: candle_nn::Linear,
+    se_expand: candle_nn::Linear,
+    project: ConvBn,
+}
+
+impl MbConv {
+    fn new(c: usize, vb: Vb) -> Result<Self> {
+        let hidden = 4 * c;
+        let se = (c / 4).max(1);
+        let std = (2.0 / (9.0 * hidden as f64)).sqrt();
+        Ok(Self {
+            expand: ConvBn::new(c, hidden, 1, vb.pp("expand"))?,
+            dw_weight: vb.params.get_with_hints(
+                (hidden, 1, 3, 3),
+                "dw.weight",
+                Init::Randn { mean: 0.0, stdev: std },
+            )?,
+            dw_bn: BatchNorm::new(hidden, vb.pp("dw_bn"))?,
+            se_reduce: linear(hidden, se, true, vb.pp("se.reduce"))?,
+            se_expand: linear(se, hidden, true, vb.pp("se.expand"))?,
+            project: ConvBn::new(hidden, c, 1, vb.pp("project"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let ys = self.expand.forward(xs, mode)?.gelu_erf()?;
+        let ys = selfsup_ops::dwconv::depthwise_conv2d_nhwc(&ys, &self.dw_weight, None, 1, 1)?;
+        let ys = self.dw_bn.forward_t(&ys, mode.is_train())?.gelu_erf()?;
+        let (b, h, w, c) = ys.dims4()?;
+        let s = ys.reshape((b, h * w, c))?.mean(1)?;
+        let s = candle_nn::ops::sigmoid(&self.se_expand.forward(&self.se_reduce.forward(&s)?.relu()?)?)?;
+        let ys = ys.broadcast_mul(&s.reshape((b, 1, 1, c))?)?;
+        xs + self.project.forward(&ys, mode)?
+    }
+}
+
+/// Spatial attention over groups of `n` positions: (g, n, c) -> same.
+struct SpatialAttention {
+    fc: candle_nn::Linear,
+    n: usize,
+}
+
+impl SpatialAttention {
+    fn forward(&self, groups: &Tensor) -> Result<Tensor> {
+        let logits = self.fc.forward(&groups.mean(D::Minus1)?)?; // (g, n)
+        let max = logits.max_keepdim(1)?.detach();
+        let e = logits.broadcast_sub(&max)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(1)?)?;
+        groups.broadcast_mul(&(p * self.n as f64)?.unsqueeze(2)?)
+    }
+}
+
+struct SegNetrBlock {
+    mbconv: MbConv,
+    norm1: LayerNorm,
+    local: Option<SpatialAttention>,
+    global: Option<SpatialAttention>,
+    branch_weights: Tensor,
+    norm2: LayerNorm,
+    fc1: candle_nn::Linear,
+    fc2: candle_nn::Linear,
+    patch: usize,
+    use_local: bool,
+}
+
+impl SegNetrBlock {
+    fn new(c: usize, patch: usize, branches: [bool; 2], vb: Vb) -> Result<Self> {
+        let (nl, ng) = (patch * patch, 4 * patch * patch);
+        let attention = |n: usize, name: &str| -> Result<SpatialAttention> {
+            Ok(SpatialAttention { fc: linear(n, n, true, vb.pp(name))?, n })
+        };
+        Ok(Self {
+            mbconv: MbConv::new(c, vb.pp("mbconv"))?,
+            norm1: LayerNorm::new(c, 1e-5, vb.pp("norm1"))?,
+            local: if branches[0] && nl > 1 { Some(attention(nl, "local")?) } else { None },
+            global: if branches[1] { Some(attention(ng, "global")?) } else { None },
+            branch_weights: vb.params.get_with_hints(2, "branch_weights", Init::Const(0.5))?,
+            norm2: LayerNorm::new(c, 1e-5, vb.pp("norm2"))?,
+            fc1: linear(c, 4 * c, true, vb.pp("ffn.0"))?,
+            fc2: linear(4 * c, c, true, vb.pp("ffn.2"))?,
+            patch,
+            use_local: branches[0],
+        })
+    }
+
+    /// xs: (b, h, w, c) -> same.
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        use selfsup_ops::partition::{global_partition, global_reverse, window_partition, window_reverse};
+        let ys = self.mbconv.forward(xs, mode)?;
+        let (b, h, w, c) = ys.dims4()?;
+        let z = self.norm1.forward(&ys)?;
+        let p = self.patch;
+        let mut mixed: Option<Tensor> = None;
+        let mut add = |t: Tensor, i: usize| -> Result<()> {
+            let t = t.broadcast_mul(&self.branch_weights.narrow(0, i, 1)?)?;
+            mixed = Some(match mixed.take() {
+                Some(m) => (m + t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        if self.use_local {
+            let local = match &self.local {
+                Some(att) => window_reverse(&att.forward(&window_partition(&z, p, p)?)?, b, h, w)?,
+                None => z.clone(), // P = 1: one position per group, softmax = 1
+            };
+            add(local, 0)?;
+        }
+        if let Some(att) = &self.global {
+            add(global_reverse(&att.forward(&global_partition(&z, p)?)?, b, h, w, p)?, 1)?;
+        }
+        let ys = match mixed {
+            Some(m) => (ys + m)?,
+            None => ys,
+        };
+        let f = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&ys)?.reshape((b * h * w, c))?)?.gelu_erf()?)?;
+        ys + f.reshape((b, h, w, c))?
+    }
+}
+
+/// Space-to-depth (PM without its projection): (b, h, w, c) -> (b, h/2, w/2, 4c), channel
+/// `(dy * 2 + dx) * c + k`.
+pub fn space_to_depth(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        candle_core::bail!("space_to_depth: map {h}x{w} has an odd side")
+    }
+    x.reshape(vec![b, h / 2, 2, w / 2, 2, c])?.permute(vec![0, 1, 3, 2, 4, 5])?.reshape((b, h / 2, w / 2, 4 * c))
+}
+
+/// The inverse of [`space_to_depth`] (PR): (b, h, w, 4c) -> (b, 2h, 2w, c).
+pub fn depth_to_space(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c4) = x.dims4()?;
+    if c4 % 4 != 0 {
+        candle_core::bail!("depth_to_space: {c4} channels are not a multiple of 4")
+    }
+    let c = c4 / 4;
+    x.reshape(vec![b, h, w, 2, 2, c])?.permute(vec![0, 1, 3, 2, 4, 5])?.reshape((b, 2 * h, 2 * w, c))
+}
+
+/// IRSC: PM's output at every other channel, depth-to-space back: (b, h, w, c) -> (b, h, w, c/2),
+/// the even channels of every pixel at its exact position.
+pub fn irsc(x: &Tensor) -> Result<Tensor> {
+    let pm = space_to_depth(x)?;
+    let (b, h, w, c4) = pm.dims4()?;
+    let even = pm.reshape((b, h, w, c4 / 2, 2))?.narrow(4, 0, 1)?.squeeze(4)?;
+    depth_to_space(&even)
+}
+
+struct Merge {
+    norm: LayerNorm,
+    proj: candle_nn::Linear,
+}
+
+struct Expand {
+    proj: candle_nn::Linear,
+}
+
+struct Fuse {
+    conv: ConvBn,
+}
+
+pub struct SegNetr {
+    stem: ConvBn,
+    encoder: Vec<Vec<SegNetrBlock>>,
+    merges: Vec<Merge>,
+    expands: Vec<Expand>,
+    fuses: Vec<Fuse>,
+    decoder: Vec<Vec<SegNetrBlock>>,
+    head: Conv2d,
+    cfg: Config,
+}
+
+impl SegNetr {
+    pub fn new(cfg: &Config, vb: Vb) -> Result<Self> {
+        cfg.validate("segnetr")?;
+        let wd = cfg.widths;
+        let blocks = |level: usize, vb: Vb| -> Result<Vec<SegNetrBlock>> {
+            (0..cfg.depths[level])
+                .map(|j| SegNetrBlock::new(wd[level], cfg.patches[level], cfg.branches, vb.pp(j)))
+                .collect()
+        };
+        let encoder = (0..4).map(|i| blocks(i, vb.pp(format!("encoder.{i}")))).collect::<Result<_>>()?;
+        let merges = (0..3)
+            .map(|i| {
+                let vb = vb.pp(format!("merge.{i}"));
+                Ok(Merge {
+                    norm: LayerNorm::new(4 * wd[i], 1e-5, vb.pp("norm"))?,
+                    proj: linear(4 * wd[i], wd[i + 1], false, vb.pp("proj"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let expands = (0..3)
+            .map(|i| Ok(Expand { proj: linear(wd[i + 1], 4 * wd[i], false, vb.pp(format!("expand.{i}")))? }))
+            .collect::<Result<_>>()?;
+        let fuses = (0..3)
+            .map(|i| Ok(Fuse { conv: ConvBn::new(wd[i] + wd[i] / 2, wd[i], 1, vb.pp(format!("fuse.{i}")))? }))
+            .collect::<Result<_>>()?;
+        let decoder = (0..3).map(|i| blocks(i, vb.pp(format!("decoder.{i}")))).collect::<Result<_>>()?;
+        let head_weight = vb.params.get_with_hints(
+            (cfg.num_classes, wd[0], 1, 1),
+            "head.weight",
+            Init::Randn { mean: 0.0, stdev: (1.0 / wd[0] as f64).sqrt() },
+        )?;
+        let head_bias = vb.params.get_with_hints(cfg.num_classes, "head.bias", Init::Const(0.0))?;
+        Ok(Self {
+            stem: ConvBn::new(cfg.in_chans, wd[0], 3, vb.pp("stem"))?,
+            encoder,
+            merges,
+            expands,
+            fuses,
+            decoder,
+            head: Conv2d::from_parts(head_weight, Some(head_bias), 1, 0),
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl Segmenter for SegNetr {
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (_, c, h, w) = xs.dims4()?;
+        if c != self.cfg.in_chans || h % 16 != 0 || w % 16 != 0 {
+            candle_core::bail!(
+                "segnetr: input {c}x{h}x{w}, the model takes {} channels and sides that are multiples of 16",
+                self.cfg.in_chans
+            )
+        }
+        let mut x = self.stem.forward(&xs.permute((0, 2, 3, 1))?.contiguous()?, mode)?.gelu_erf()?;
+        let mut skips = Vec::with_capacity(3);
+        for (i, blocks) in self.encoder.iter().enumerate() {
+            for block in blocks {
+                x = block.forward(&x, mode)?;
+            }
+            if i < 3 {
+                skips.push(irsc(&x)?);
+                let m = &self.merges[i];
+                let pm = space_to_depth(&x)?;
+                let (b, mh, mw, c4) = pm.dims4()?;
+                x = m.proj.forward(&m.norm.forward(&pm)?.reshape((b * mh * mw, c4))?)?.reshape((b, mh, mw, ()))?;
+            }
+        }
+        for i in (0..3).rev() {
+            let (b, lh, lw, c) = x.dims4()?;
+            let up = self.expands[i].proj.forward(&x.reshape((b * lh * lw, c))?)?.reshape((b, lh, lw, ()))?;
+            let up = depth_to_space(&up)?;
+            let fused = Tensor::cat(&[&up, &skips[i]], 3)?;
+            x = self.fuses[i].conv.forward(&fused, mode)?.gelu_erf()?;
+            for block in &self.decoder[i] {
+                x = block.forward(&x, mode)?;
+            }
+        }
+        self.head.forward(&x)?.permute((0, 3, 1, 2))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.cfg.num_classes
+    }
+
+    fn multiple(&self) -> usize {
+        16
+    }
+}
+
+/// `(Conv3x3 -> BN -> ReLU) x 2`.
+struct DoubleConv {
+    a: ConvBn,
+    b: ConvBn,
+}
+
+impl DoubleConv {
+    fn new(c_in: usize, c_out: usize, vb: Vb) -> Result<Self> {
+        Ok(Self { a: ConvBn::new(c_in, c_out, 3, vb.pp("0"))?, b: ConvBn::new(c_out, c_out, 3, vb.pp("1"))? })
+    }
+
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.b.forward(&self.a.forward(xs, mode)?.relu()?, mode)?.relu()
+    }
+}
+
+pub struct UNet {
+    encoder: Vec<DoubleConv>,
+    ups: Vec<Conv2d>,
+    decoder: Vec<DoubleConv>,
+    head: Conv2d,
+    cfg: Config,
+}
+
+impl UNet {
+    pub fn new(cfg: &Config, vb: Vb) -> Result<Self> {
+        cfg.validate("unet")?;
+        let wd = cfg.widths;
+        let encoder = (0..4)
+            .map(|i| DoubleConv::new(if i == 0 { cfg.in_chans } else { wd[i - 1] }, wd[i], vb.pp(format!("down.{i}"))))
+            .collect::<Result<_>>()?;
+        let ups = (0..3).map(|i| conv(wd[i + 1], wd[i], 1, vb.pp(format!("up.{i}")))).collect::<Result<_>>()?;
+        let decoder =
+            (0..3).map(|i| DoubleConv::new(2 * wd[i], wd[i], vb.pp(format!("dec.{i}")))).collect::<Result<_>>()?;
+        let head_weight = vb.params.get_with_hints(
+            (cfg.num_classes, wd[0], 1, 1),
+            "head.weight",
+            Init::Randn { mean: 0.0, stdev: (1.0 / wd[0] as f64).sqrt() },
+        )?;
+        let head_bias = vb.params.get_with_hints(cfg.num_classes, "head.bias", Init::Const(0.0))?;
+        Ok(Self {
+            encoder,
+            ups,
+            decoder,
+            head: Conv2d::from_parts(head_weight, Some(head_bias), 1, 0),
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl Segmenter for UNet {
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (_, c, h, w) = xs.dims4()?;
+        if c != self.cfg.in_chans || h % 8 != 0 || w % 8 != 0 {
+            candle_core::bail!(
+                "unet: input {c}x{h}x{w}, the model takes {} channels and sides that are multiples of 8",
+                self.cfg.in_chans
+            )
+        }
+        let mut x = xs.permute((0, 2, 3, 1))?.contiguous()?;
+        let mut skips = Vec::with_capacity(3);
+        for (i, level) in self.encoder.iter().enumerate() {
+            if i > 0 {
+                x = selfsup_ops::max_pool2d_nhwc(&x, 2, 2, 0)?;
+            }
+            x = level.forward(&x, mode)?;
+            skips.push(x.clone());
+        }
+        for i in (0..3).rev() {
+            let (_, lh, lw, _) = x.dims4()?;
+            let up = selfsup_ops::interpolate_nhwc(
+                &x,
+                2 * lh,
+                2 * lw,
+                selfsup_ops::Resize::Bilinear { align_corners: false },
+            )?;
+            let up = self.ups[i].forward(&up)?;
+            x = self.decoder[i].forward(&Tensor::cat(&[&skips[i], &up], 3)?, mode)?;
+        }
+        self.head.forward(&x)?.permute((0, 3, 1, 2))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.cfg.num_classes
+    }
+
+    fn multiple(&self) -> usize {
+        8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Vars;
+    use candle_core::{DType, Device};
+
+    /// METHODS.md 1.4: PM/PR are exact inverses and IRSC keeps every pixel's even channels at
+    /// its own position.
+    #[test]
+    fn patch_merging_reverse_and_irsc_are_exact() {
+        let x = Tensor::arange(0f32, 2. * 4. * 6. * 4., &Device::Cpu).unwrap().reshape((2, 4, 6, 4)).unwrap();
+        let pm = space_to_depth(&x).unwrap();
+        assert_eq!(pm.dims(), [2, 2, 3, 16]);
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&depth_to_space(&pm).unwrap()), v(&x));
+        // Channel (dy * 2 + dx) * c + k of PM pixel (y, x) is pixel (2y + dy, 2x + dx), channel k.
+        let px = |t: &Tensor, b: usize, y: usize, xx: usize| t.get(b).unwrap().get(y).unwrap().get(xx).unwrap();
+        assert_eq!(v(&px(&pm, 1, 1, 2).narrow(0, 3 * 4, 4).unwrap()), v(&px(&x, 1, 3, 5)));
+        let skip = irsc(&x).unwrap();
+        assert_eq!(skip.dims(), [2, 4, 6, 2]);
+        let even = x.reshape((2, 4, 6, 2, 2)).unwrap().narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
+        assert_eq!(v(&skip), v(&even));
+    }
+
+    fn count(vars: &Vars) -> usize {
+        vars.params.num_elements()
+    }
+
+    /// Both networks: logits at full resolution, every parameter learns, bad sizes are named;
+    /// SegNetr's branch ablations build and drop exactly their parameters.
+    #[test]
+    fn shapes_gradients_and_ablations() {
+        let cfg = Config::new(1, 3, [8, 16, 16, 16]);
+        for unet in [false, true] {
+            let vars = Vars::new(1);
+            let vb = vars.vb(DType::F32, &Device::Cpu);
+            let m: Box<dyn Segmenter> =
+                if unet { Box::new(UNet::new(&cfg, vb).unwrap()) } else { Box::new(SegNetr::new(&cfg, vb).unwrap()) };
+            let xs = Tensor::randn(0f32, 1., (2, 1, 32, 32), &Device::Cpu).unwrap();
+            let logits = m.forward(&xs, Mode::Train { key: 0 }).unwrap();
+            assert_eq!(logits.dims(), [2, 3, 32, 32]);
+            let loss = logits.sqr().unwrap().mean_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let params = vars.params.vars();
+            selfsup_ops::testing::assert_every_var_has_grad(params.iter().map(|(n, v)| (n.as_str(), v)), &grads);
+            let bad = Tensor::zeros((1, 1, 20, 20), DType::F32, &Device::Cpu).unwrap();
+            let e = m.forward(&bad, Mode::Eval).unwrap_err().to_string();
+            assert!(e.contains("1x20x20") && e.contains("multiples of"), "{e}");
+        }
+        let full = Vars::new(0);
+        SegNetr::new(&cfg, full.vb(DType::F32, &Device::Cpu)).unwrap();
+        let local_only = Vars::new(0);
+        SegNetr::new(&Config { branches: [true, false], ..cfg.clone() }, local_only.vb(DType::F32, &Device::Cpu))
+            .unwrap();
+        let global_only = Vars::new(0);
+        SegNetr::new(&Config { branches: [false, true], ..cfg.clone() }, global_only.vb(DType::F32, &Device::Cpu))
+            .unwrap();
+        assert!(count(&local_only) < count(&full) && count(&global_only) < count(&full));
+        assert!(full.params.get("encoder.0.0.global.weight").unwrap().dims() == [256, 256]);
+        assert!(full.params.get("encoder.3.0.local.weight").is_none(), "P = 1: no local parameters");
+    }
+
+    /// A tiny SegNetr overfits four images with rectangles to a high foreground Dice (issue 9's
+    /// CI check that the network can learn a mask at all).
+    #[test]
+    fn tiny_segnetr_overfits_rectangles() {
+        let (n, side) = (4, 32);
+        let mut rng = selfsup_ops::rng::Rng::new(5);
+        let mut img = vec![0f32; n * side * side];
+        let mut mask = vec![0u32; n * side * side];
+        for i in 0..n {
+            let (y0, x0) = (rng.below(12), rng.below(12));
+            let (hh, ww) = (8 + rng.below(12), 8 + rng.below(12));
+            for y in 0..side {
+                for x in 0..side {
+                    let inside = y >= y0 && y < y0 + hh && x >= x0 && x < x0 + ww;
+                    let at = (i * side + y) * side + x;
+                    img[at] = if inside { 1.0 } else { 0.0 } + 0.3 * rng.normal() as f32;
+                    mask[at] = inside as u32;
+                }
+            }
+        }
+        let xs = Tensor::from_vec(img, (n, 1, side, side), &Device::Cpu).unwrap();
+        let target = Tensor::from_vec(mask.clone(), n * side * side, &Device::Cpu).unwrap();
+        let vars = Vars::new(2);
+        let m = SegNetr::new(&Config::new(1, 2, [8, 16, 16, 16]), vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        let params = candle_nn::ParamsAdamW { lr: 3e-3, weight_decay: 0.0, ..Default::default() };
+        let mut opt = <candle_nn::AdamW as candle_nn::Optimizer>::new(
+            vars.params.vars().into_iter().map(|(_, v)| v).collect(),
+            params,
+        )
+        .unwrap();
+        for step in 0..60 {
+            let logits = m.forward(&xs, Mode::Train { key: step }).unwrap();
+            let flat = logits.permute((0, 2, 3, 1)).unwrap().reshape((n * side * side, 2)).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&flat, &target).unwrap();
+            candle_nn::Optimizer::backward_step(&mut opt, &loss).unwrap();
+        }
+        let pred = m
+            .forward(&xs, Mode::Train { key: 99 })
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let (mut inter, mut total) = (0usize, 0usize);
+        for (p, t) in pred.iter().zip(&mask) {
+            inter += (*p == 1 && *t == 1) as usize;
+            total += (*p == 1) as usize + (*t == 1) as usize;
+        }
+        let dice = 2.0 * inter as f64 / total as f64;
+        assert!(dice > 0.9, "foreground Dice {dice}");
+    }
+}
