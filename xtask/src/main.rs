@@ -138,24 +138,28 @@ fn bench(args: &[String]) -> Result<()> {
     data_summary()
 }
 
-/// Times the PyTorch peers of the training-step benches (benches/torch_train_step.py) when the
-/// Rust step benches ran in this invocation.
+/// Times the PyTorch peers of the training-step and forward benches (benches/torch_train_step.py,
+/// benches/torch_forward.py) unless the criterion filter excludes them.
 fn torch_steps(args: &[String]) -> Result<()> {
     let dir = root().join("target/criterion");
-    let out = dir.join("torch-steps.json");
-    let _ = std::fs::remove_file(&out);
     let filter = args.iter().find(|a| !a.starts_with('-'));
-    if filter.is_some_and(|f| !f.contains("step")) {
-        return Ok(());
-    }
-    let python = std::env::var("SELFSUP_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut cmd = Command::new(python);
-    cmd.arg(root().join("benches/torch_train_step.py")).arg(&out);
-    if let Some(filter) = filter {
-        cmd.env("SELFSUP_BENCH_FILTER", filter);
-    }
-    if let Err(e) = run(&mut cmd) {
-        eprintln!("xtask: the PyTorch training-step comparison failed ({e:#}); printing the Rust numbers only");
+    for (script, json, kind) in
+        [("torch_train_step.py", "torch-steps.json", "step"), ("torch_forward.py", "torch-forward.json", "forward")]
+    {
+        let out = dir.join(json);
+        let _ = std::fs::remove_file(&out);
+        if filter.is_some_and(|f| !f.contains(kind)) {
+            continue;
+        }
+        let python = std::env::var("SELFSUP_PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut cmd = Command::new(python);
+        cmd.arg(root().join("benches").join(script)).arg(&out);
+        if let Some(filter) = filter {
+            cmd.env("SELFSUP_BENCH_FILTER", filter);
+        }
+        if let Err(e) = run(&mut cmd) {
+            eprintln!("xtask: {script} failed ({e:#}); printing the Rust numbers only");
+        }
     }
     Ok(())
 }
@@ -229,11 +233,11 @@ struct Measured {
 /// Reads criterion's `estimates.json` files (and PyTorch's times, when present) and prints one
 /// row per bench: mean time, rate, and the speed ratios against `reference` and PyTorch within
 /// the group. Throughput elements are FLOPs for op groups (GFLOP/s) and images for groups
-/// whose name contains `step` (images/s).
+/// whose name contains `step` or starts with `forward` (images/s).
 fn summary() -> Result<()> {
     let dir = root().join("target/criterion");
     // PyTorch's seconds per case, keyed by group name: the ops peers and the step peers.
-    let torch = ["torch-ops.json", "torch-steps.json"]
+    let torch = ["torch-ops.json", "torch-steps.json", "torch-forward.json"]
         .iter()
         .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
         .collect::<Vec<_>>()
@@ -261,7 +265,7 @@ fn summary() -> Result<()> {
         }
         let find = |n: &str| benches.iter().find(|m| m.name == n).map(|m| m.secs);
         let (reference, pytorch) = (find("reference"), find("pytorch"));
-        let images = gname.contains("step");
+        let images = gname.contains("step") || gname.starts_with("forward");
         for m in &benches {
             let rate = m.elements.map(|e| {
                 if images {
