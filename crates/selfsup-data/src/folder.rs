@@ -120,8 +120,13 @@ impl Default for DecodeOptions {
 /// Why an image was skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skip {
-    TooLarge { width: u32, height: u32 },
+    TooLarge {
+        width: u32,
+        height: u32,
+    },
     Unreadable(String),
+    /// Decodes, but cannot serve (e.g. a segmentation source without a usable alpha mask).
+    Unusable(String),
 }
 
 impl Skip {
@@ -130,6 +135,7 @@ impl Skip {
         match self {
             Skip::TooLarge { .. } => "over the pixel limit",
             Skip::Unreadable(_) => "unreadable or corrupt",
+            Skip::Unusable(_) => "no usable alpha mask",
         }
     }
 }
@@ -138,19 +144,25 @@ impl std::fmt::Display for Skip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Skip::TooLarge { width, height } => write!(f, "{width}x{height} is over the pixel limit"),
-            Skip::Unreadable(e) => write!(f, "{e}"),
+            Skip::Unreadable(e) | Skip::Unusable(e) => write!(f, "{e}"),
         }
     }
 }
 
 /// Decodes encoded image bytes into a (channels, size, size) u8 record.
 pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> std::result::Result<Vec<u8>, Skip> {
+    Ok(resize_center_crop(&decode_image(bytes, opts.max_pixels)?, opts))
+}
+
+/// Decodes encoded image bytes at their own size, refusing from the header alone any image over
+/// `max_pixels` (width x height) before a pixel is decoded.
+pub fn decode_image(bytes: &[u8], max_pixels: u64) -> std::result::Result<image::DynamicImage, Skip> {
     let unreadable = |e: image::ImageError| Skip::Unreadable(e.to_string());
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Skip::Unreadable(e.to_string()))?;
     let (width, height) = reader.into_dimensions().map_err(unreadable)?;
-    if width as u64 * height as u64 > opts.max_pixels {
+    if width as u64 * height as u64 > max_pixels {
         return Err(Skip::TooLarge { width, height });
     }
     if width == 0 || height == 0 {
@@ -162,10 +174,9 @@ pub fn decode(bytes: &[u8], opts: &DecodeOptions) -> std::result::Result<Vec<u8>
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
-    limits.max_alloc = Some(opts.max_pixels.saturating_mul(16));
+    limits.max_alloc = Some(max_pixels.saturating_mul(16));
     reader.limits(limits);
-    let img = reader.decode().map_err(unreadable)?;
-    Ok(resize_center_crop(&img, opts))
+    reader.decode().map_err(unreadable)
 }
 
 /// Resize (shorter side to `size`, triangle filter: antialiased bilinear, as PIL's) + centre

@@ -12,6 +12,7 @@ pub mod folder;
 pub mod idx;
 pub mod lmdb;
 pub mod loader;
+pub mod segset;
 pub mod shards;
 pub mod source;
 pub mod staging;
