@@ -6,6 +6,7 @@
 pub mod convnextv2;
 pub mod cvt;
 pub mod layers;
+pub mod mobile_former;
 pub mod resnet;
 pub mod segnetr;
 pub mod store;
@@ -75,6 +76,13 @@ pub enum Arch {
     Cvt13,
     Cvt21,
     CvtW24,
+    Mf26m,
+    Mf52m,
+    Mf96m,
+    Mf151m,
+    Mf214m,
+    Mf294m,
+    Mf508m,
 }
 
 impl Arch {
@@ -100,6 +108,13 @@ impl Arch {
         Arch::Cvt13,
         Arch::Cvt21,
         Arch::CvtW24,
+        Arch::Mf26m,
+        Arch::Mf52m,
+        Arch::Mf96m,
+        Arch::Mf151m,
+        Arch::Mf214m,
+        Arch::Mf294m,
+        Arch::Mf508m,
     ];
 }
 
@@ -110,6 +125,7 @@ pub enum Family {
     Convnextv2(convnextv2::Config),
     Vit(vit::Config),
     Cvt(cvt::Config),
+    MobileFormer(mobile_former::Config),
 }
 
 /// The `[model]` table of a run config.
@@ -241,6 +257,24 @@ impl ModelConfig {
                 }
                 Family::Cvt(cfg)
             }
+            Arch::Mf26m | Arch::Mf52m | Arch::Mf96m | Arch::Mf151m | Arch::Mf214m | Arch::Mf294m | Arch::Mf508m => {
+                if let Some(w) = &self.widths {
+                    candle_core::bail!(
+                        "mobile_former: `widths` is not supported (got {w:?}); the seven variants mf26m..mf508m \
+                         are the narrow and wide networks"
+                    )
+                }
+                let cfg = match self.arch {
+                    Arch::Mf26m => mobile_former::Config::mf26m(c),
+                    Arch::Mf52m => mobile_former::Config::mf52m(c),
+                    Arch::Mf96m => mobile_former::Config::mf96m(c),
+                    Arch::Mf151m => mobile_former::Config::mf151m(c),
+                    Arch::Mf214m => mobile_former::Config::mf214m(c),
+                    Arch::Mf294m => mobile_former::Config::mf294m(c),
+                    _ => mobile_former::Config::mf508m(c),
+                };
+                Family::MobileFormer(cfg.with_drop_path_rate(self.drop_path_rate)?)
+            }
         })
     }
 
@@ -253,6 +287,8 @@ impl ModelConfig {
             Family::Convnextv2(cfg) => (cfg.num_params(0), cfg.macs(size)),
             Family::Vit(cfg) => (cfg.num_params(0), cfg.macs()),
             Family::Cvt(cfg) => (cfg.num_params(0), cfg.macs(size)),
+            // Counted without the final classifier Linear (its pre-logits `fc` is included).
+            Family::MobileFormer(cfg) => (cfg.num_params(0), cfg.macs(size)),
         })
     }
 
@@ -263,6 +299,7 @@ impl ModelConfig {
             Family::Convnextv2(_) => 32,
             Family::Vit(cfg) => cfg.patch_size,
             Family::Cvt(cfg) => cfg.patch.iter().map(|p| p[1]).product(),
+            Family::MobileFormer(_) => 32,
         })
     }
 
@@ -275,11 +312,13 @@ impl ModelConfig {
             Family::Convnextv2(cfg) => Box::new(convnextv2::ConvNextV2::new(&cfg, vb)?),
             Family::Vit(cfg) => Box::new(vit::Vit::new(&cfg, vb)?),
             Family::Cvt(cfg) => Box::new(cvt::Cvt::new(&cfg, vb)?),
+            Family::MobileFormer(cfg) => Box::new(mobile_former::MobileFormer::new(&cfg, vb)?),
         })
     }
 }
 
-/// A reference state_dict (timm names; HF transformers for CvT) sorted for a selfsup model.
+/// A reference state_dict (timm names; HF transformers for CvT; AAboys/MobileFormer for
+/// Mobile-Former) sorted for a selfsup model.
 pub struct ReferenceWeights {
     /// Backbone variables under selfsup's names (parameters and buffers).
     pub backbone: HashMap<String, Tensor>,
@@ -298,6 +337,7 @@ impl ModelConfig {
             Family::Convnextv2(_) => ("head.fc.weight", "head.fc.bias"),
             Family::Vit(_) => ("head.weight", "head.bias"),
             Family::Cvt(_) => ("classifier.weight", "classifier.bias"),
+            Family::MobileFormer(_) => ("classifier.classifier.1.weight", "classifier.classifier.1.bias"),
         })
     }
 
@@ -324,6 +364,7 @@ impl ModelConfig {
                 Family::Convnextv2(_) => convnextv2::remap_key(&key),
                 Family::Vit(_) => vit::remap_key(&key),
                 Family::Cvt(_) => cvt::remap_key(&key),
+                Family::MobileFormer(_) => mobile_former::remap_key(&key),
             };
             match mapped {
                 Some(name) => {
@@ -351,20 +392,26 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn cfg_family(arch: Arch) -> &'static str {
-        if format!("{arch:?}").starts_with("Vit") {
+        let name = format!("{arch:?}");
+        if name.starts_with("Vit") {
             "vit"
+        } else if name.starts_with("Mf") {
+            "mobile_former"
         } else {
             "conv"
         }
     }
 
     /// Every registered architecture, narrow: forward + backward are finite and every
-    /// parameter receives a gradient (catches ops that silently drop gradients).
+    /// parameter receives a gradient (catches ops that silently drop gradients). Mobile-Former
+    /// has no narrow form: its seven variants run at full width on 64x64 inputs (about 8 s in
+    /// all in a debug build).
     #[test]
     fn every_arch_trains_and_every_param_gets_a_gradient() {
         for &arch in Arch::ALL {
             let vit = matches!(cfg_family(arch), "vit");
             let cvt = format!("{arch:?}").starts_with("Cvt");
+            let mf = matches!(cfg_family(arch), "mobile_former");
             let widths = if vit {
                 vec![8, 2, 2]
             } else if cvt {
@@ -375,7 +422,7 @@ mod tests {
             let cfg = ModelConfig {
                 arch,
                 in_chans: 1,
-                widths: Some(widths),
+                widths: (!mf).then_some(widths),
                 drop_path_rate: 0.1,
                 img_size: Some(32),
                 imagenet_stem: false,
@@ -385,7 +432,7 @@ mod tests {
             let m = cfg.build(vars.vb(DType::F32, &Device::Cpu)).unwrap();
             let size = if vit {
                 32
-            } else if cvt {
+            } else if cvt || mf {
                 64
             } else {
                 cfg.stride().unwrap().max(8)
@@ -397,6 +444,8 @@ mod tests {
                 1
             } else if cvt {
                 3
+            } else if mf {
+                5
             } else {
                 4
             };
@@ -416,7 +465,10 @@ mod tests {
             let params = vars.params.vars();
             // A key bias adds the same amount to every score of a query, which softmax cancels:
             // its gradient is exactly zero by construction (CvT keeps it, as the reference does).
-            let checked = params.iter().filter(|(n, _)| !n.ends_with("projection_key.bias"));
+            // Likewise Mobile-Former's Former->Mobile key bias, and the bias of the Linear in front
+            // of its pre-logits BatchNorm1d, which the batch mean of training mode removes.
+            let exempt = ["projection_key.bias", "global_local.k.bias", "classifier.fc.0.bias"];
+            let checked = params.iter().filter(|(n, _)| !exempt.iter().any(|e| n.ends_with(e)));
             selfsup_ops::testing::assert_every_var_has_grad(checked.map(|(n, v)| (n.as_str(), v)), &grads);
         }
     }

@@ -78,8 +78,8 @@ impl LayerDecayRule {
             }
             Family::Convnextv2(cfg) => Self::ConvnextSingle { depths: cfg.depths },
             Family::Vit(cfg) => Self::Vit { depth: cfg.depth },
-            // CvT's recipes train end to end without layer-wise decay.
-            Family::Cvt(_) => Self::Uniform,
+            // CvT's and Mobile-Former's recipes train end to end without layer-wise decay.
+            Family::Cvt(_) | Family::MobileFormer(_) => Self::Uniform,
         })
     }
 
