@@ -6,6 +6,7 @@
 //! - [`checkpoint`]: atomic safetensors checkpoints with a JSON manifest; keep-last-K.
 //! - [`trainer`]: the loop: views -> loss -> backward -> clip -> step -> EMA -> log.
 //! - [`report`]: PNG plots and a Markdown summary of a run directory.
+//! - [`segment`]: supervised SegNetr / U-Net training and scoring on a segset.
 //! - [`panel`]: the objective's pictures (reconstructions, attention maps) as a PNG per checkpoint.
 //! - [`finetune`]: end-to-end fine-tuning with layer-wise lr decay, label smoothing and
 //!   drop-path (an evaluation protocol, here because it trains).
@@ -20,6 +21,7 @@ pub mod optim;
 pub mod panel;
 pub mod report;
 pub mod schedule;
+pub mod segment;
 pub mod trainer;
 
 pub use config::RunConfig;

@@ -90,6 +90,40 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         widths: Option<Vec<usize>>,
     },
+    /// Train SegNetr or the plain U-Net on a segset (`selfsup data segset`), score val every
+    /// epoch and test at the end (mIoU, Dice, pixel accuracy), write segment.json and
+    /// overlays.png into --out.
+    Segment {
+        /// `segnetr` or `unet`.
+        #[arg(long)]
+        model: String,
+        /// The segset directory (train/, val/, test/).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A TOML file with any fields of the run (widths, branches, epochs, batch_size, lr,
+        /// weight_decay, dice_weight, crop_scale, seed, max_steps); flags below override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Channels of the four levels, e.g. 32,64,128,256.
+        #[arg(long, value_delimiter = ',')]
+        widths: Option<Vec<usize>>,
+        /// Weight of the soft Dice loss added to cross-entropy.
+        #[arg(long)]
+        dice: Option<f64>,
+        /// SegNetr branches: `both`, `local` or `global`.
+        #[arg(long)]
+        branches: Option<String>,
+        #[arg(long)]
+        max_steps: Option<usize>,
+    },
     /// List the registered architectures (parameters and GMACs at --size), objectives and
     /// optimizers.
     Info {
@@ -385,6 +419,53 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Info { size } => info(size),
+        Command::Segment { model, data, out, config, epochs, batch, lr, widths, dice, branches, max_steps } => {
+            use selfsup_train::segment::{train_segmentation, SegModel, SegmentConfig};
+            let mut cfg = match &config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    toml::from_str::<SegmentConfig>(&text).with_context(|| format!("in {}", p.display()))?
+                }
+                None => SegmentConfig::default(),
+            };
+            cfg.model = match model.as_str() {
+                "segnetr" => SegModel::Segnetr,
+                "unet" => SegModel::Unet,
+                other => anyhow::bail!("--model `{other}`: expected segnetr or unet"),
+            };
+            if let Some(w) = widths {
+                cfg.widths = w.try_into().map_err(|w| anyhow::anyhow!("--widths needs 4 values, got {w:?}"))?;
+            }
+            if let Some(b) = branches {
+                cfg.branches = match b.as_str() {
+                    "both" => [true, true],
+                    "local" => [true, false],
+                    "global" => [false, true],
+                    other => anyhow::bail!("--branches `{other}`: expected both, local or global"),
+                };
+            }
+            cfg.epochs = epochs.unwrap_or(cfg.epochs);
+            cfg.batch_size = batch.unwrap_or(cfg.batch_size);
+            cfg.lr = lr.unwrap_or(cfg.lr);
+            cfg.dice_weight = dice.unwrap_or(cfg.dice_weight);
+            cfg.max_steps = max_steps.or(cfg.max_steps);
+            let r = train_segmentation(&cfg, &data, &out, false)?;
+            println!("| split | mIoU | mean Dice | pixel acc | foreground IoU |");
+            println!("|---|---|---|---|---|");
+            for (name, m) in [("val", &r.val), ("test", &r.test)] {
+                println!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} |", m.miou, m.mdice, m.pixel_accuracy, m.iou[1]);
+            }
+            println!(
+                "{:?}: {} parameters, {} steps in {:.0} s ({:.1} images/s); report {}",
+                cfg.model,
+                r.params,
+                r.steps,
+                r.train_seconds,
+                r.images_per_sec,
+                out.join("segment.json").display()
+            );
+            Ok(())
+        }
         Command::Infer { model, weights, input, output, widths } => {
             infer::infer(&model, &weights, &input, &output, widths)
         }
