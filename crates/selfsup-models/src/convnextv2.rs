@@ -192,7 +192,7 @@ impl Block {
         let (b, h, w, d) = xs.dims4()?;
         let ys = selfsup_ops::dwconv::depthwise_conv2d_nhwc(xs, &self.dw_weight, Some(&self.dw_bias), 1, 3)?;
         let ys = self.norm.forward(&ys)?.reshape((b * h * w, d))?;
-        let ys = self.fc1.forward(&ys)?.gelu_erf()?.reshape((b, h, w, 4 * d))?;
+        let ys = selfsup_ops::gelu::gelu_erf(&self.fc1.forward(&ys)?)?.reshape((b, h, w, 4 * d))?;
         let ys = selfsup_ops::grn::grn(&ys, &self.grn_weight, &self.grn_bias)?.reshape((b * h * w, 4 * d))?;
         let mut ys = self.fc2.forward(&ys)?.reshape((b, h, w, d))?;
         if let Mode::Train { key } = mode {
@@ -210,7 +210,7 @@ impl Block {
         mode: Mode,
     ) -> Result<Tensor> {
         let ys = sparse_depthwise_conv(xs, nb, &self.dw_weight, Some(&self.dw_bias))?;
-        let ys = self.fc1.forward(&self.norm.forward(&ys)?)?.gelu_erf()?;
+        let ys = selfsup_ops::gelu::gelu_erf(&self.fc1.forward(&self.norm.forward(&ys)?)?)?;
         let ys = selfsup_ops::grn::grn_sites(&ys, map.offsets(), &self.grn_weight, &self.grn_bias)?;
         let mut ys = self.fc2.forward(&ys)?;
         if let Mode::Train { key } = mode {

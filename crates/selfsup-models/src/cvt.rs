@@ -222,7 +222,11 @@ impl Layer {
         }
         let xs = (xs + att)?;
         let z = self.fc1.forward(&self.norm_after.forward(&xs)?.reshape((b * n, d))?)?;
-        let z = if self.quick_gelu { (&z * candle_nn::ops::sigmoid(&(&z * 1.702)?)?)? } else { z.gelu_erf()? };
+        let z = if self.quick_gelu {
+            (&z * candle_nn::ops::sigmoid(&(&z * 1.702)?)?)?
+        } else {
+            selfsup_ops::gelu::gelu_erf(&z)?
+        };
         let mut z = self.fc2.forward(&z)?.reshape((b, n, d))?;
         if let Mode::Train { key } = mode {
             z = drop_path(&z, self.drop_path, key, 2 * self.index + 1)?;

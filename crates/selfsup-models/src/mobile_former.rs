@@ -602,7 +602,7 @@ impl GlobalBlock {
             t_sum = drop_path_tokens(&t_sum, self.drop_path, key, self.layer)?;
         }
         let tokens = self.layer_norm.forward(&(tokens + t_sum)?)?;
-        let ffn = self.ffn2.forward(&self.ffn1.forward(&tokens)?.gelu_erf()?)?;
+        let ffn = self.ffn2.forward(&selfsup_ops::gelu::gelu_erf(&self.ffn1.forward(&tokens)?)?)?;
         self.ffn_norm.forward(&(tokens + ffn)?)
     }
 }

@@ -153,9 +153,9 @@ impl MbConv {
     }
 
     fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        let ys = self.expand.forward(xs, mode)?.gelu_erf()?;
+        let ys = selfsup_ops::gelu::gelu_erf(&self.expand.forward(xs, mode)?)?;
         let ys = selfsup_ops::dwconv::depthwise_conv2d_nhwc(&ys, &self.dw_weight, None, 1, 1)?;
-        let ys = self.dw_bn.forward_t(&ys, mode.is_train())?.gelu_erf()?;
+        let ys = selfsup_ops::gelu::gelu_erf(&self.dw_bn.forward_t(&ys, mode.is_train())?)?;
         let (b, h, w, c) = ys.dims4()?;
         let s = ys.reshape((b, h * w, c))?.mean(1)?;
         let s = candle_nn::ops::sigmoid(&self.se_expand.forward(&self.se_reduce.forward(&s)?.relu()?)?)?;
@@ -243,7 +243,8 @@ impl SegNetrBlock {
             Some(m) => (ys + m)?,
             None => ys,
         };
-        let f = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&ys)?.reshape((b * h * w, c))?)?.gelu_erf()?)?;
+        let h1 = self.fc1.forward(&self.norm2.forward(&ys)?.reshape((b * h * w, c))?)?;
+        let f = self.fc2.forward(&selfsup_ops::gelu::gelu_erf(&h1)?)?;
         ys + f.reshape((b, h, w, c))?
     }
 }
@@ -355,7 +356,7 @@ impl Segmenter for SegNetr {
                 self.cfg.in_chans
             )
         }
-        let mut x = self.stem.forward(&xs.permute((0, 2, 3, 1))?.contiguous()?, mode)?.gelu_erf()?;
+        let mut x = selfsup_ops::gelu::gelu_erf(&self.stem.forward(&xs.permute((0, 2, 3, 1))?.contiguous()?, mode)?)?;
         let mut skips = Vec::with_capacity(3);
         for (i, blocks) in self.encoder.iter().enumerate() {
             for block in blocks {
@@ -374,7 +375,7 @@ impl Segmenter for SegNetr {
             let up = self.expands[i].proj.forward(&x.reshape((b * lh * lw, c))?)?.reshape((b, lh, lw, ()))?;
             let up = depth_to_space(&up)?;
             let fused = Tensor::cat(&[&up, &skips[i]], 3)?;
-            x = self.fuses[i].conv.forward(&fused, mode)?.gelu_erf()?;
+            x = selfsup_ops::gelu::gelu_erf(&self.fuses[i].conv.forward(&fused, mode)?)?;
             for block in &self.decoder[i] {
                 x = block.forward(&x, mode)?;
             }

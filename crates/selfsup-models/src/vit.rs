@@ -191,7 +191,7 @@ impl Block {
             ys = drop_path(&ys, self.drop_path, key, 2 * self.index)?;
         }
         let xs = (xs + ys)?;
-        let ys = self.fc1.forward(&flat(&self.norm2.forward(&xs)?)?)?.gelu_erf()?;
+        let ys = selfsup_ops::gelu::gelu_erf(&self.fc1.forward(&flat(&self.norm2.forward(&xs)?)?)?)?;
         let mut ys = self.fc2.forward(&ys)?.reshape((b, n, d))?;
         if let Mode::Train { key } = mode {
             ys = drop_path(&ys, self.drop_path, key, 2 * self.index + 1)?;

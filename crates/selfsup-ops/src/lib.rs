@@ -29,6 +29,7 @@ pub mod attention;
 pub mod conv;
 mod cpu;
 pub mod dwconv;
+pub mod gelu;
 pub mod grn;
 pub mod layer_norm;
 pub mod norm;
