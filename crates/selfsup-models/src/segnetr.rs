@@ -103,6 +103,27 @@ impl Config {
     }
 }
 
+/// The `1x1` conv to class logits both networks end with (`head.weight`, `head.bias`).
+fn head(cfg: &Config, vb: Vb) -> Result<Conv2d> {
+    let c = cfg.widths[0];
+    let init = Init::Randn { mean: 0.0, stdev: (1.0 / c as f64).sqrt() };
+    let weight = vb.params.get_with_hints((cfg.num_classes, c, 1, 1), "weight", init)?;
+    let bias = vb.params.get_with_hints(cfg.num_classes, "bias", Init::Const(0.0))?;
+    Ok(Conv2d::from_parts(weight, Some(bias), 1, 0))
+}
+
+/// xs: (b, c, h, w) with the configured channels and sides that are multiples of `multiple`.
+fn check_input(what: &str, cfg: &Config, xs: &Tensor, multiple: usize) -> Result<()> {
+    let (_, c, h, w) = xs.dims4()?;
+    if c != cfg.in_chans || h % multiple != 0 || w % multiple != 0 {
+        candle_core::bail!(
+            "{what}: input {c}x{h}x{w}, the model takes {} channels and sides that are multiples of {multiple}",
+            cfg.in_chans
+        )
+    }
+    Ok(())
+}
+
 fn conv(c_in: usize, c_out: usize, k: usize, vb: Vb) -> Result<Conv2d> {
     Conv2d::no_bias(c_in, c_out, k, 1, k / 2, vb)
 }
@@ -328,12 +349,6 @@ impl SegNetr {
             .map(|i| Ok(Fuse { conv: ConvBn::new(wd[i] + wd[i] / 2, wd[i], 1, vb.pp(format!("fuse.{i}")))? }))
             .collect::<Result<_>>()?;
         let decoder = (0..3).map(|i| blocks(i, vb.pp(format!("decoder.{i}")))).collect::<Result<_>>()?;
-        let head_weight = vb.params.get_with_hints(
-            (cfg.num_classes, wd[0], 1, 1),
-            "head.weight",
-            Init::Randn { mean: 0.0, stdev: (1.0 / wd[0] as f64).sqrt() },
-        )?;
-        let head_bias = vb.params.get_with_hints(cfg.num_classes, "head.bias", Init::Const(0.0))?;
         Ok(Self {
             stem: ConvBn::new(cfg.in_chans, wd[0], 3, vb.pp("stem"))?,
             encoder,
@@ -341,7 +356,7 @@ impl SegNetr {
             expands,
             fuses,
             decoder,
-            head: Conv2d::from_parts(head_weight, Some(head_bias), 1, 0),
+            head: head(cfg, vb.pp("head"))?,
             cfg: cfg.clone(),
         })
     }
@@ -349,13 +364,7 @@ impl SegNetr {
 
 impl Segmenter for SegNetr {
     fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (_, c, h, w) = xs.dims4()?;
-        if c != self.cfg.in_chans || h % 16 != 0 || w % 16 != 0 {
-            candle_core::bail!(
-                "segnetr: input {c}x{h}x{w}, the model takes {} channels and sides that are multiples of 16",
-                self.cfg.in_chans
-            )
-        }
+        check_input("segnetr", &self.cfg, xs, self.multiple())?;
         let mut x = selfsup_ops::gelu::gelu_erf(&self.stem.forward(&xs.permute((0, 2, 3, 1))?.contiguous()?, mode)?)?;
         let mut skips = Vec::with_capacity(3);
         for (i, blocks) in self.encoder.iter().enumerate() {
@@ -426,31 +435,13 @@ impl UNet {
         let ups = (0..3).map(|i| conv(wd[i + 1], wd[i], 1, vb.pp(format!("up.{i}")))).collect::<Result<_>>()?;
         let decoder =
             (0..3).map(|i| DoubleConv::new(2 * wd[i], wd[i], vb.pp(format!("dec.{i}")))).collect::<Result<_>>()?;
-        let head_weight = vb.params.get_with_hints(
-            (cfg.num_classes, wd[0], 1, 1),
-            "head.weight",
-            Init::Randn { mean: 0.0, stdev: (1.0 / wd[0] as f64).sqrt() },
-        )?;
-        let head_bias = vb.params.get_with_hints(cfg.num_classes, "head.bias", Init::Const(0.0))?;
-        Ok(Self {
-            encoder,
-            ups,
-            decoder,
-            head: Conv2d::from_parts(head_weight, Some(head_bias), 1, 0),
-            cfg: cfg.clone(),
-        })
+        Ok(Self { encoder, ups, decoder, head: head(cfg, vb.pp("head"))?, cfg: cfg.clone() })
     }
 }
 
 impl Segmenter for UNet {
     fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (_, c, h, w) = xs.dims4()?;
-        if c != self.cfg.in_chans || h % 8 != 0 || w % 8 != 0 {
-            candle_core::bail!(
-                "unet: input {c}x{h}x{w}, the model takes {} channels and sides that are multiples of 8",
-                self.cfg.in_chans
-            )
-        }
+        check_input("unet", &self.cfg, xs, self.multiple())?;
         let mut x = xs.permute((0, 2, 3, 1))?.contiguous()?;
         let mut skips = Vec::with_capacity(3);
         for (i, level) in self.encoder.iter().enumerate() {

@@ -1,5 +1,5 @@
 //! Panels: the pictures an objective draws (`Objective::panel`) tiled into one PNG per
-//! checkpoint, `<output_dir>/samples/step-XXXXXXXX.png`: one row per image, one column per
+//! checkpoint, `<output_dir>/samples/step-<step, 8 digits>.png`: one row per image, one column per
 //! picture (input, masked input, reconstruction, ...; or CARE's attention map).
 //!
 //! View-space columns are mapped back to pixels with the first view's mean and std; every value

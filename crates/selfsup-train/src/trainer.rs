@@ -203,7 +203,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// The objective's pictures of this step's first 8 images, as `samples/step-XXXXXXXX.png`.
+    /// The objective's pictures of this step's first 8 images, as `samples/step-<step, 8 digits>.png`.
     fn write_panel(&self, views: &[Tensor], key: u64) -> Result<()> {
         let n = views[0].dim(0)?.min(8);
         let first = views.iter().map(|v| v.narrow(0, 0, n)).collect::<candle_core::Result<Vec<_>>>()?;
