@@ -47,7 +47,7 @@ def main():
             for _ in range(2):
                 model(x)
             t0 = time.perf_counter()
-            n = 3
+            n = 6
             for _ in range(n):
                 model(x)
             secs = (time.perf_counter() - t0) / n

@@ -162,10 +162,10 @@ pub struct Block {
     dw_weight: Tensor,
     dw_bias: Tensor,
     norm: LayerNorm,
-    fc1: candle_nn::Linear,
+    fc1: selfsup_ops::linear::Linear,
     grn_weight: Tensor,
     grn_bias: Tensor,
-    fc2: candle_nn::Linear,
+    fc2: selfsup_ops::linear::Linear,
     drop_path: f64,
     index: u64,
 }

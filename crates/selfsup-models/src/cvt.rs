@@ -156,13 +156,13 @@ struct Layer {
     proj_q: ConvProjection,
     proj_k: ConvProjection,
     proj_v: ConvProjection,
-    q: candle_nn::Linear,
-    k: candle_nn::Linear,
-    v: candle_nn::Linear,
-    out: candle_nn::Linear,
+    q: selfsup_ops::linear::Linear,
+    k: selfsup_ops::linear::Linear,
+    v: selfsup_ops::linear::Linear,
+    out: selfsup_ops::linear::Linear,
     norm_after: LayerNorm,
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: selfsup_ops::linear::Linear,
+    fc2: selfsup_ops::linear::Linear,
     heads: usize,
     quick_gelu: bool,
     drop_path: f64,
@@ -205,7 +205,7 @@ impl Layer {
                 Ok(t)
             }
         };
-        let project = |lin: &candle_nn::Linear, t: Tensor| -> Result<Tensor> {
+        let project = |lin: &selfsup_ops::linear::Linear, t: Tensor| -> Result<Tensor> {
             let (b, l, _) = t.dims3()?;
             lin.forward(&t.reshape((b * l, d))?)?.reshape((b, l, self.heads, d / self.heads))
         };

@@ -103,7 +103,7 @@ impl BatchNorm {
 }
 
 /// `Linear` with PyTorch's default init (Kaiming uniform, a = sqrt(5); bias U(+-1/sqrt(fan_in))).
-pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<candle_nn::Linear> {
+pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<selfsup_ops::linear::Linear> {
     let bound = 1.0 / (d_in as f64).sqrt();
     let weight = vb.params.get_with_hints((d_out, d_in), "weight", Init::Uniform { lo: -bound, up: bound })?;
     let bias = if bias {
@@ -111,7 +111,7 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, vb: Vb) -> Result<candle_nn
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(selfsup_ops::linear::Linear::new(weight, bias))
 }
 
 /// LayerNorm over the last axis (eps as given) through `selfsup_ops::layer_norm`, which keeps
@@ -139,10 +139,10 @@ impl LayerNorm {
 
 /// `Linear` with timm's transformer init: weights N(0, 0.02) (timm's trunc-normal, whose
 /// truncation at +-2 never fires at that std), bias 0.
-pub fn linear_trunc_normal(d_in: usize, d_out: usize, vb: Vb) -> Result<candle_nn::Linear> {
+pub fn linear_trunc_normal(d_in: usize, d_out: usize, vb: Vb) -> Result<selfsup_ops::linear::Linear> {
     let w = vb.params.get_with_hints((d_out, d_in), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?;
     let b = vb.params.get_with_hints(d_out, "bias", Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(w, Some(b)))
+    Ok(selfsup_ops::linear::Linear::new(w, Some(b)))
 }
 
 /// Stochastic depth (timm `drop_path`, `scale_by_keep=True`): each sample's residual branch is

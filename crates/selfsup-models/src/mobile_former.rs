@@ -405,10 +405,10 @@ fn conv_only(s: &BlockConfig) -> bool {
 }
 
 /// `Linear` with the reference's init: weight N(0, 0.01), bias 0.
-fn linear(d_in: usize, d_out: usize, vb: Vb) -> Result<candle_nn::Linear> {
+fn linear(d_in: usize, d_out: usize, vb: Vb) -> Result<selfsup_ops::linear::Linear> {
     let w = vb.params.get_with_hints((d_out, d_in), "weight", Init::Randn { mean: 0.0, stdev: 0.01 })?;
     let b = vb.params.get_with_hints(d_out, "bias", Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(w, Some(b)))
+    Ok(selfsup_ops::linear::Linear::new(w, Some(b)))
 }
 
 /// `ReLU6(x + 3) / 6`.
@@ -501,8 +501,8 @@ impl ConvBn {
 
 /// `HyperFunc`: dynamic-ReLU coefficients (b, 2C) from token 0 (b, D).
 struct HyperFunc {
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: selfsup_ops::linear::Linear,
+    fc2: selfsup_ops::linear::Linear,
 }
 
 impl HyperFunc {
@@ -524,9 +524,9 @@ impl HyperFunc {
 
 /// Mobile->Former (`Local2Global`): tokens attend to the map's positions.
 struct Local2Global {
-    q: candle_nn::Linear,
-    alpha: candle_nn::Linear,
-    proj: candle_nn::Linear,
+    q: selfsup_ops::linear::Linear,
+    alpha: selfsup_ops::linear::Linear,
+    proj: selfsup_ops::linear::Linear,
     layer_norm: LayerNorm,
     drop_path: f64,
     layer: u64,
@@ -565,11 +565,11 @@ impl Local2Global {
 
 /// Former (`GlobalBlock`): token self-attention (keys = values = tokens) and an FFN.
 struct GlobalBlock {
-    q: candle_nn::Linear,
-    channel_mlp: candle_nn::Linear,
+    q: selfsup_ops::linear::Linear,
+    channel_mlp: selfsup_ops::linear::Linear,
     layer_norm: LayerNorm,
-    ffn1: candle_nn::Linear,
-    ffn2: candle_nn::Linear,
+    ffn1: selfsup_ops::linear::Linear,
+    ffn2: selfsup_ops::linear::Linear,
     ffn_norm: LayerNorm,
     drop_path: f64,
     layer: u64,
@@ -609,8 +609,8 @@ impl GlobalBlock {
 
 /// Former->Mobile (`Global2Local`): the map's positions attend to the tokens.
 struct Global2Local {
-    k: candle_nn::Linear,
-    proj: candle_nn::Linear,
+    k: selfsup_ops::linear::Linear,
+    proj: selfsup_ops::linear::Linear,
     drop_path: f64,
     layer: u64,
 }
@@ -804,7 +804,7 @@ impl Block {
 struct MergeClassifier {
     conv: ConvBn,
     shuffle: Option<usize>,
-    fc: candle_nn::Linear,
+    fc: selfsup_ops::linear::Linear,
     fc_bn: BatchNorm,
 }
 

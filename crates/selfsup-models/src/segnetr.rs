@@ -149,8 +149,8 @@ struct MbConv {
     expand: ConvBn,
     dw_weight: Tensor,
     dw_bn: BatchNorm,
-    se_reduce: candle_nn::Linear,
-    se_expand: candle_nn::Linear,
+    se_reduce: selfsup_ops::linear::Linear,
+    se_expand: selfsup_ops::linear::Linear,
     project: ConvBn,
 }
 
@@ -187,7 +187,7 @@ impl MbConv {
 
 /// Spatial attention over groups of `n` positions: (g, n, c) -> same.
 struct SpatialAttention {
-    fc: candle_nn::Linear,
+    fc: selfsup_ops::linear::Linear,
     n: usize,
 }
 
@@ -208,8 +208,8 @@ struct SegNetrBlock {
     global: Option<SpatialAttention>,
     branch_weights: Tensor,
     norm2: LayerNorm,
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: selfsup_ops::linear::Linear,
+    fc2: selfsup_ops::linear::Linear,
     patch: usize,
     use_local: bool,
 }
@@ -301,11 +301,11 @@ pub fn irsc(x: &Tensor) -> Result<Tensor> {
 
 struct Merge {
     norm: LayerNorm,
-    proj: candle_nn::Linear,
+    proj: selfsup_ops::linear::Linear,
 }
 
 struct Expand {
-    proj: candle_nn::Linear,
+    proj: selfsup_ops::linear::Linear,
 }
 
 struct Fuse {

@@ -44,7 +44,7 @@ fn reference_state_dicts_load_by_name_and_reproduce_the_reference() {
         vars.load_exact(&weights).unwrap();
         assert_eq!(cfg.num_params(10), vars.params.num_elements() + 64 * 10 + 10, "{prefix}");
         let pre_logits = model.forward_pooled(input, Mode::Eval).unwrap();
-        let classifier = candle_nn::Linear::new(
+        let classifier = selfsup_ops::linear::Linear::new(
             head["classifier.classifier.1.weight"].clone(),
             Some(head["classifier.classifier.1.bias"].clone()),
         );

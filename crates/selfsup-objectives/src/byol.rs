@@ -64,9 +64,9 @@ impl Config {
 
 /// `Linear - BatchNorm1d - ReLU - Linear` (also CARE's heads).
 pub(crate) struct Mlp {
-    fc1: candle_nn::Linear,
+    fc1: selfsup_ops::linear::Linear,
     bn: BatchNorm,
-    fc2: candle_nn::Linear,
+    fc2: selfsup_ops::linear::Linear,
 }
 
 impl Mlp {

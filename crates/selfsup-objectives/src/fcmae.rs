@@ -108,7 +108,7 @@ impl Conv1x1 {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = xs.dims4()?;
         let o = self.weight.dim(0)?;
-        let lin = candle_nn::Linear::new(self.weight.reshape((o, c))?, Some(self.bias.clone()));
+        let lin = selfsup_ops::linear::Linear::new(self.weight.reshape((o, c))?, Some(self.bias.clone()));
         lin.forward(&xs.reshape((b * h * w, c))?)?.reshape((b, h, w, o))
     }
 }

@@ -80,6 +80,19 @@ pub trait Objective {
     }
 }
 
+/// The variant names serde accepts for an externally tagged enum `T`, read from the
+/// unknown-variant error it gives (serde exposes them nowhere else): lets a test hold a
+/// hand-written id list, such as [`ObjectiveConfig::IDS`], to the enum.
+pub fn serde_variant_names<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    use serde::de::value::{Error, StrDeserializer};
+    let err = match T::deserialize(StrDeserializer::<Error>::new("\u{0}")) {
+        Ok(_) => return Vec::new(),
+        Err(e) => e.to_string(),
+    };
+    let list = err.split_once("expected ").map_or("", |(_, l)| l.trim_start_matches("one of "));
+    list.split(['`', ',', ' ']).filter(|w| !w.is_empty() && *w != "or").map(str::to_string).collect()
+}
+
 /// The `[objective]` table of a run config: one sub-table naming the method.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -94,6 +107,9 @@ pub enum ObjectiveConfig {
 }
 
 impl ObjectiveConfig {
+    /// Every objective id, as [`Self::id`] names them (a test holds the two together).
+    pub const IDS: &'static [&'static str] = &["byol", "fcmae", "moco_v2", "densecl", "lomar", "mae", "care"];
+
     /// The objective id (`byol`, ...).
     pub fn id(&self) -> &'static str {
         match self {
@@ -278,6 +294,20 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `IDS` lists exactly the variants serde knows (its unknown-variant error names them all).
+    #[test]
+    fn ids_are_the_config_variants() {
+        let err = toml::from_str::<ObjectiveConfig>("[no_such_objective]").unwrap_err().to_string();
+        let listed: Vec<&str> = err
+            .split("expected one of ")
+            .nth(1)
+            .expect(&err)
+            .split(['`', ',', ' ', '\n'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        assert_eq!(listed, ObjectiveConfig::IDS, "{err}");
+    }
 
     /// A perfect prediction reconstructs the input exactly; masked patches are zero in the
     /// masked column; pasting the visible patches back gives the input again.

@@ -144,7 +144,7 @@ pub struct Lomar {
     cfg: Config,
     encoder: Vit,
     mask_token: Tensor,
-    pred: candle_nn::Linear,
+    pred: selfsup_ops::linear::Linear,
     patch: usize,
     in_chans: usize,
 }

@@ -105,12 +105,12 @@ pub fn keep_indices(b: usize, l: usize, ratio: f64, key: u64) -> Result<Vec<Vec<
 pub struct Mae {
     cfg: Config,
     encoder: Vit,
-    decoder_embed: candle_nn::Linear,
+    decoder_embed: selfsup_ops::linear::Linear,
     mask_token: Tensor,
     decoder_pos: Tensor,
     decoder_blocks: Vec<Block>,
     decoder_norm: LayerNorm,
-    decoder_pred: candle_nn::Linear,
+    decoder_pred: selfsup_ops::linear::Linear,
     grid: (usize, usize),
     patch: usize,
 }

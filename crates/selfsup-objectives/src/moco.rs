@@ -109,8 +109,8 @@ pub(crate) fn validate_contrast(what: &str, dim: usize, queue: usize, t: f64, m:
 
 /// `Linear -> ReLU -> Linear` (`0`, `2`), PyTorch default init.
 pub(crate) struct Mlp {
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: selfsup_ops::linear::Linear,
+    fc2: selfsup_ops::linear::Linear,
 }
 
 impl Mlp {

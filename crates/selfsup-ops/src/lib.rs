@@ -32,6 +32,7 @@ pub mod dwconv;
 pub mod gelu;
 pub mod grn;
 pub mod layer_norm;
+pub mod linear;
 pub mod norm;
 pub mod partition;
 pub mod pool;

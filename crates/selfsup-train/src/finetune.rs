@@ -463,7 +463,7 @@ pub fn soft_target_cross_entropy(logits: &Tensor, target: &Tensor) -> candle_cor
 /// A backbone with a linear classifier on its pooled features.
 pub struct Classifier {
     pub backbone: Box<dyn Backbone>,
-    head: candle_nn::Linear,
+    head: selfsup_ops::linear::Linear,
     head_vars: [Var; 2],
 }
 
@@ -475,7 +475,7 @@ impl Classifier {
         let w: Vec<f32> = (0..num_classes * d).map(|_| (2e-5 * rng.normal()) as f32).collect();
         let w = Var::from_tensor(&Tensor::from_vec(w, (num_classes, d), device)?)?;
         let b = Var::zeros(num_classes, DType::F32, device)?;
-        let head = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let head = selfsup_ops::linear::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
         Ok(Self { backbone, head, head_vars: [w, b] })
     }
 

@@ -23,6 +23,11 @@ pub enum OptimizerConfig {
     Adamw(AdamWConfig),
 }
 
+impl OptimizerConfig {
+    /// Every optimizer id, as the config names them (a test holds this to the variants).
+    pub const IDS: &'static [&'static str] = &["sgd", "lars", "adamw"];
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SgdConfig {
@@ -278,6 +283,20 @@ impl Optimizer {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// `IDS` lists exactly the variants serde knows (its unknown-variant error names them all).
+    #[test]
+    fn ids_are_the_config_variants() {
+        let err = toml::from_str::<OptimizerConfig>("[no_such_optimizer]").unwrap_err().to_string();
+        let listed: Vec<&str> = err
+            .split("expected one of ")
+            .nth(1)
+            .expect(&err)
+            .split(['`', ',', ' ', '\n'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        assert_eq!(listed, OptimizerConfig::IDS, "{err}");
+    }
 
     /// One scalar-per-element parameter with a fixed gradient, run for `n` steps.
     fn run(cfg: OptimizerConfig, w0: &[f32], grads: &[&[f32]], rank2: bool) -> Vec<f32> {

@@ -6,7 +6,7 @@
 //! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care] [--baselines]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
 //! selfsup report RUN_DIR [--font FILE]
-//! selfsup info
+//! selfsup info [models|objectives|optimizers] [--size 224]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -124,13 +124,21 @@ enum Command {
         #[arg(long)]
         max_steps: Option<usize>,
     },
-    /// List the registered architectures (parameters and GMACs at --size), objectives and
-    /// optimizers.
+    /// List what is registered: `models` (parameters, GMACs and GFLOPs at --size),
+    /// `objectives`, `optimizers`; everything when no topic is given.
     Info {
-        /// Input side for the compute column.
+        topic: Option<InfoTopic>,
+        /// Input side for the compute columns.
         #[arg(long, default_value_t = 224)]
         size: usize,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum InfoTopic {
+    Models,
+    Objectives,
+    Optimizers,
 }
 
 #[derive(Subcommand)]
@@ -418,7 +426,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("summary written to {}", w.summary.display());
             Ok(())
         }
-        Command::Info { size } => info(size),
+        Command::Info { topic, size } => info(topic, size),
         Command::Segment { model, data, out, config, epochs, batch, lr, widths, dice, branches, max_steps } => {
             use selfsup_train::segment::{train_segmentation, SegModel, SegmentConfig};
             let mut cfg = match &config {
@@ -474,37 +482,51 @@ fn run(cli: Cli) -> Result<()> {
 
 /// The registry as a table: every architecture's parameters (without a classifier) and
 /// multiply-accumulates of one forward, counted from its config.
-fn info(size: usize) -> Result<()> {
+fn info(topic: Option<InfoTopic>, size: usize) -> Result<()> {
     use selfsup_models::{Arch, ModelConfig};
-    println!("| architecture | params (M) | GMACs at {size} px |");
-    println!("|---|---|---|");
-    for &arch in Arch::ALL {
-        let name = serde_json::to_string(&arch)?.trim_matches('"').to_string();
-        let vit = name.starts_with("vit");
-        let stems: &[bool] = if name.starts_with("resnet") { &[true, false] } else { &[false] };
-        for &imagenet_stem in stems {
-            let cfg = ModelConfig {
-                arch,
-                in_chans: 3,
-                widths: None,
-                drop_path_rate: 0.0,
-                img_size: vit.then_some(size),
-                imagenet_stem,
-                irpe: false,
-            };
-            let label = match (name.starts_with("resnet"), imagenet_stem) {
-                (true, true) => format!("{name} (ImageNet stem)"),
-                (true, false) => format!("{name} (small-image stem)"),
-                _ => name.clone(),
-            };
-            match cfg.cost(size) {
-                Ok((params, macs)) => println!("| {label} | {:.2} | {:.2} |", params as f64 / 1e6, macs as f64 / 1e9),
-                Err(e) => println!("| {label} | - | {e} |"),
+    let show = |t: InfoTopic| topic.is_none_or(|x| x == t);
+    if show(InfoTopic::Models) {
+        println!("| model id | params (M) | GMACs at {size} px | GFLOPs (2 x MACs) |");
+        println!("|---|---|---|---|");
+        for &arch in Arch::ALL {
+            let name = serde_json::to_string(&arch)?.trim_matches('"').to_string();
+            let resnet = name.starts_with("resnet");
+            let stems: &[bool] = if resnet { &[true, false] } else { &[false] };
+            for &imagenet_stem in stems {
+                let cfg = ModelConfig {
+                    arch,
+                    in_chans: 3,
+                    widths: None,
+                    drop_path_rate: 0.0,
+                    img_size: name.starts_with("vit").then_some(size),
+                    imagenet_stem,
+                    irpe: false,
+                };
+                let label = match (resnet, imagenet_stem) {
+                    (true, true) => format!("{name} (ImageNet stem)"),
+                    (true, false) => format!("{name} (small-image stem)"),
+                    _ => name.clone(),
+                };
+                match cfg.cost(size) {
+                    Ok((params, macs)) => {
+                        let g = macs as f64 / 1e9;
+                        println!("| {label} | {:.2} | {g:.2} | {:.2} |", params as f64 / 1e6, 2.0 * g)
+                    }
+                    Err(e) => println!("| {label} | - | {e} | - |"),
+                }
             }
         }
+        println!("(backbones without classifier; `selfsup segment --model segnetr|unet` trains the segmentation nets)");
     }
-    println!("objectives: byol");
-    println!("optimizers: sgd, lars, adamw");
+    if show(InfoTopic::Objectives) {
+        println!(
+            "objectives ([objective.<id>] in a run config): {}",
+            selfsup_objectives::ObjectiveConfig::IDS.join(", ")
+        );
+    }
+    if show(InfoTopic::Optimizers) {
+        println!("optimizers ([optimizer.<id>]): {}", selfsup_train::optim::OptimizerConfig::IDS.join(", "));
+    }
     Ok(())
 }
 

@@ -396,15 +396,27 @@ fn data_pack_info_and_training_from_shards() {
 
 #[test]
 fn info_lists_every_architecture_with_its_cost() {
-    let o = selfsup(&["info", "--size", "224"]);
+    let o = selfsup(&["info", "models", "--size", "224"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     for row in [
-        "| resnet50 (ImageNet stem) | 23.51 | 4.09 |",
-        "| convnextv2_atto | 3.39 | 0.55 |",
-        "| vit_base_patch16 | 85.80 | 17.56 |",
+        "| resnet50 (ImageNet stem) | 23.51 | 4.09 | 8.17 |",
+        "| convnextv2_atto | 3.39 | 0.55 | 1.09 |",
+        "| vit_base_patch16 | 85.80 | 17.56 | 35.13 |",
+        "| mf508m | 12.06 | 0.50 | 1.00 |",
     ] {
         assert!(out.contains(row), "{row}: {out}");
+    }
+    // One row per registered architecture (two per ResNet: both stems), and only models.
+    let rows = out.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| model id")).count();
+    let resnets = selfsup_models::Arch::ALL.iter().filter(|a| format!("{a:?}").starts_with("Resnet")).count();
+    assert_eq!(rows, selfsup_models::Arch::ALL.len() + resnets, "{out}");
+    assert!(!out.contains("objectives"), "{out}");
+
+    let o = selfsup(&["info"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    for id in ["byol", "fcmae", "moco_v2", "densecl", "lomar", "mae", "care", "sgd", "lars", "adamw"] {
+        assert!(out.contains(id), "{id}: {out}");
     }
 }
 
