@@ -74,10 +74,13 @@ impl LinearOp {
     }
 
     fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Tensor>> {
+        // Detached: a gradient that kept `x`'s graph would keep this step's whole forward alive
+        // for as long as the optimizer holds the gradient (measured: +150 MB per MoCo step).
+        let (x, w) = (x.detach(), w.detach());
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
         let g = grad.contiguous()?.reshape((m, n))?;
-        let dx = g.matmul(w)?.reshape(x.shape())?;
+        let dx = g.matmul(&w)?.reshape(x.shape())?;
         let dw = g.t()?.matmul(&x.reshape((m, k))?)?;
         let mut out = vec![dx, dw];
         if with_bias {
@@ -171,6 +174,18 @@ mod tests {
             1e-4,
             "linear",
         );
+    }
+
+    /// The weight's gradient carries no graph: one that did kept every step's forward alive
+    /// while the optimizer held it (a training run grew by 150 MB per step until killed).
+    #[test]
+    fn gradients_do_not_hold_the_forward_graph() {
+        let w = candle_core::Var::from_tensor(&randn(&[5, 24], 5)).unwrap();
+        let b = candle_core::Var::from_tensor(&randn(&[5], 6)).unwrap();
+        let x = randn(&[7, 24], 4).broadcast_mul(&w.as_tensor().sum_all().unwrap()).unwrap(); // x has a graph
+        let loss = linear(&x, &w, Some(&b)).unwrap().sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(!grads.get(&w).unwrap().track_op() && !grads.get(&b).unwrap().track_op());
     }
 
     #[test]
