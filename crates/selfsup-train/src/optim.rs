@@ -185,11 +185,15 @@ impl Optimizer {
         for i in 0..self.params.len() {
             let p = &self.params[i];
             let lr = lr * p.lr_scale;
-            let mut g = self.grad(grads, p)?.clone();
+            // Detached, both: arithmetic on a Var (or on a gradient that still references the
+            // forward) is tracked, so the momentum slots would chain every step's tensors to
+            // the previous step's and memory would grow without bound (measured: 17 MB per
+            // step of a small MoCo run). A test holds the slots graph-free.
+            let mut g = self.grad(grads, p)?.detach();
             if grad_scale != 1.0 {
                 g = (g * grad_scale)?;
             }
-            let w = p.var.as_tensor();
+            let w = &p.var.as_tensor().detach();
             let slots = &mut self.slots[i];
             let new_w = match &self.cfg {
                 OptimizerConfig::Sgd(c) => {
@@ -282,7 +286,7 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// `IDS` lists exactly the variants serde knows (its unknown-variant error names them all).
     #[test]
@@ -316,6 +320,29 @@ mod tests {
     fn close(a: &[f32], b: &[f64]) {
         for (x, y) in a.iter().zip(b) {
             assert!((*x as f64 - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    /// After steps whose gradients come through activations, neither the parameter nor any
+    /// optimizer slot carries a graph: one that did chained every step to the previous one.
+    #[test]
+    fn state_holds_no_graph() {
+        let dev = Device::Cpu;
+        for cfg in [
+            OptimizerConfig::Sgd(SgdConfig { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.5 }),
+            OptimizerConfig::Lars(LarsConfig { lr: 0.1, momentum: 0.9, weight_decay: 0.1, eta: 0.001 }),
+            OptimizerConfig::Adamw(AdamWConfig { lr: 0.1, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.1 }),
+        ] {
+            let var = Var::from_tensor(&Tensor::ones((2, 3), DType::F32, &dev).unwrap()).unwrap();
+            let mut opt = Optimizer::new(cfg, vec![Param::new("w".into(), var.clone())]).unwrap();
+            for _ in 0..3 {
+                let act = (var.as_tensor() * 2.0).unwrap().tanh().unwrap();
+                let store = (var.as_tensor() * act).unwrap().sum_all().unwrap().backward().unwrap();
+                opt.step(&store, 0.1, 0.5).unwrap();
+            }
+            for (name, t) in opt.state().unwrap() {
+                assert!(!t.track_op(), "{name} holds a graph");
+            }
         }
     }
 
