@@ -92,6 +92,42 @@ impl Config {
         }
     }
 
+    /// Multiply-accumulates of one SegNetr forward at `side` x `side`: convolutions, linears and
+    /// the spatial attentions' position mixing (`Linear(N -> N)` per group), the layers that
+    /// papers and fvcore count; norms, activations, softmax and elementwise products are not.
+    pub fn segnetr_macs(&self, side: usize) -> usize {
+        let w = self.widths;
+        let n = |i: usize| (side >> i) * (side >> i);
+        let block = |i: usize| {
+            let (c, p) = (w[i], self.patches[i]);
+            let (nl, ng) = (p * p, 4 * p * p);
+            let hidden = 4 * c;
+            let se = (c / 4).max(1);
+            // MBConv: expand, depthwise 3x3, SE (once per image), project; then FFN.
+            let mbconv = n(i) * c * hidden + n(i) * hidden * 9 + 2 * hidden * se + n(i) * hidden * c;
+            let local = if self.branches[0] && nl > 1 { n(i) * nl } else { 0 };
+            let global = if self.branches[1] { n(i) * ng } else { 0 };
+            mbconv + local + global + 2 * n(i) * c * 4 * c
+        };
+        let encoder: usize = (0..4).map(|i| self.depths[i] * block(i)).sum();
+        let merges: usize = (0..3).map(|i| n(i + 1) * 4 * w[i] * w[i + 1]).sum();
+        let decoder: usize = (0..3)
+            .map(|i| n(i + 1) * w[i + 1] * 4 * w[i] + n(i) * (w[i] + w[i] / 2) * w[i] + self.depths[i] * block(i))
+            .sum();
+        n(0) * 9 * self.in_chans * w[0] + encoder + merges + decoder + n(0) * w[0] * self.num_classes
+    }
+
+    /// Multiply-accumulates of one plain U-Net forward at `side` x `side` (convolutions only:
+    /// pooling and the bilinear upsampling are not counted).
+    pub fn unet_macs(&self, side: usize) -> usize {
+        let w = self.widths;
+        let n = |i: usize| (side >> i) * (side >> i);
+        let down: usize =
+            (0..4).map(|i| n(i) * 9 * (if i == 0 { self.in_chans } else { w[i - 1] } * w[i] + w[i] * w[i])).sum();
+        let up: usize = (0..3).map(|i| n(i) * w[i + 1] * w[i] + n(i) * 9 * (2 * w[i] * w[i] + w[i] * w[i])).sum();
+        down + up + n(0) * w[0] * self.num_classes
+    }
+
     fn validate(&self, what: &str) -> Result<()> {
         if self.in_chans == 0 || self.num_classes == 0 || self.widths.contains(&0) {
             candle_core::bail!("{what}: in_chans, num_classes and widths must be positive")
@@ -474,6 +510,125 @@ impl Segmenter for UNet {
     }
 }
 
+/// A U-Net whose encoder is a registered backbone (ResNet, ConvNeXt V2, CvT, Mobile-Former:
+/// any with at least two stages, each half the resolution of the one before), so an encoder
+/// pretrained by any objective can be segmented with. The decoder is the plain U-Net's, from the
+/// coarsest stage up to the finest: bilinear x2, `1x1 conv` to the skip's width, concat with the
+/// skip, double conv. The `1x1` head runs at the finest stage's resolution and its logits are
+/// resized bilinearly to the input (the finest stage is 1/4 of the input with an ImageNet stem or
+/// a ConvNeXt, 1/1 with ResNet's small-image stem).
+///
+/// Variable names: the encoder's own names under `encoder.` (a checkpoint's `backbone.*`
+/// tensors load there by prefix), then `up.i`, `dec.i`, `head`.
+pub struct EncoderUNet {
+    encoder: Box<dyn crate::Backbone>,
+    ups: Vec<Conv2d>,
+    decoder: Vec<DoubleConv>,
+    head: Conv2d,
+    num_classes: usize,
+    stride: usize,
+    /// (channels, stride) of each encoder stage, finest first.
+    stages: Vec<(usize, usize)>,
+}
+
+/// Channels and stride of each stage of `encoder`, finest first, found by one eval-mode forward
+/// of a blank `side` x `side` image.
+pub fn stage_shapes(encoder: &dyn crate::Backbone, in_chans: usize, side: usize) -> Result<Vec<(usize, usize)>> {
+    let dev = candle_core::Device::Cpu;
+    let probe = Tensor::zeros((1, in_chans, side, side), candle_core::DType::F32, &dev)?;
+    encoder
+        .forward_stages(&probe, Mode::Eval)?
+        .iter()
+        .map(|t| {
+            let (_, c, h, _) = t.dims4()?;
+            Ok((c, side / h.max(1)))
+        })
+        .collect()
+}
+
+impl EncoderUNet {
+    /// `encoder` (built with `in_chans` input channels, its variables owned by the caller), a
+    /// decoder for `num_classes` built in `vb`; `side` is an input side the net will be run at
+    /// (the stages are measured there).
+    pub fn new(
+        encoder: Box<dyn crate::Backbone>,
+        in_chans: usize,
+        num_classes: usize,
+        side: usize,
+        vb: Vb,
+    ) -> Result<Self> {
+        let stages = stage_shapes(encoder.as_ref(), in_chans, side)?;
+        if stages.len() < 2 || stages.windows(2).any(|w| w[1].1 != 2 * w[0].1) {
+            candle_core::bail!(
+                "encoder_unet: the encoder's stages (channels, stride) {stages:?} are not a pyramid halving at each stage"
+            )
+        }
+        let wd: Vec<usize> = stages.iter().map(|s| s.0).collect();
+        let n = wd.len();
+        let ups = (0..n - 1).map(|i| conv(wd[i + 1], wd[i], 1, vb.pp(format!("up.{i}")))).collect::<Result<_>>()?;
+        let decoder =
+            (0..n - 1).map(|i| DoubleConv::new(2 * wd[i], wd[i], vb.pp(format!("dec.{i}")))).collect::<Result<_>>()?;
+        let head_cfg = Config::new(in_chans, num_classes, [wd[0]; 4]);
+        Ok(Self {
+            ups,
+            decoder,
+            head: head(&head_cfg, vb.pp("head"))?,
+            num_classes,
+            stride: encoder.stride(),
+            encoder,
+            stages,
+        })
+    }
+
+    /// Multiply-accumulates of the decoder and head at `side` x `side` (convolutions only); the
+    /// encoder's are `ModelConfig::cost`'s.
+    pub fn decoder_macs(&self, side: usize) -> usize {
+        let n = |i: usize| (side / self.stages[i].1).pow(2);
+        let w = |i: usize| self.stages[i].0;
+        let dec: usize = (0..self.stages.len() - 1).map(|i| n(i) * w(i + 1) * w(i) + n(i) * 9 * 3 * w(i) * w(i)).sum();
+        dec + n(0) * w(0) * self.num_classes
+    }
+}
+
+impl Segmenter for EncoderUNet {
+    fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        if h % self.stride != 0 || w % self.stride != 0 {
+            candle_core::bail!(
+                "encoder_unet: input {h}x{w}, the encoder takes sides that are multiples of {}",
+                self.stride
+            )
+        }
+        let stages: Vec<Tensor> = self
+            .encoder
+            .forward_stages(xs, mode)?
+            .iter()
+            .map(|t| t.permute((0, 2, 3, 1))?.contiguous())
+            .collect::<Result<_>>()?;
+        let mut x = stages[stages.len() - 1].clone();
+        for i in (0..stages.len() - 1).rev() {
+            let (_, sh, sw, _) = stages[i].dims4()?;
+            let up = selfsup_ops::interpolate_nhwc(&x, sh, sw, selfsup_ops::Resize::Bilinear { align_corners: false })?;
+            let up = self.ups[i].forward(&up)?;
+            x = self.decoder[i].forward(&Tensor::cat(&[&stages[i], &up], 3)?, mode)?;
+        }
+        let mut logits = self.head.forward(&x)?;
+        if logits.dim(1)? != h || logits.dim(2)? != w {
+            logits =
+                selfsup_ops::interpolate_nhwc(&logits, h, w, selfsup_ops::Resize::Bilinear { align_corners: false })?;
+        }
+        logits.permute((0, 3, 1, 2))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn multiple(&self) -> usize {
+        self.stride
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,6 +689,118 @@ mod tests {
         assert!(count(&local_only) < count(&full) && count(&global_only) < count(&full));
         assert!(full.params.get("encoder.0.0.global.weight").unwrap().dims() == [256, 256]);
         assert!(full.params.get("encoder.3.0.local.weight").is_none(), "P = 1: no local parameters");
+    }
+
+    /// MACs counted a second way: every weight of rank >= 2 (conv, linear, depthwise,
+    /// position-mixing) times the positions it is applied at, read off its name.
+    fn macs_from_weights(vars: &Vars, positions: impl Fn(&str, &[usize]) -> usize) -> usize {
+        vars.params
+            .vars()
+            .into_iter()
+            .filter(|(_, v)| v.rank() >= 2)
+            .map(|(name, v)| v.elem_count() * positions(&name, v.dims()))
+            .sum()
+    }
+
+    fn level(name: &str, prefix: &str) -> Option<usize> {
+        name.strip_prefix(prefix)?.split('.').next()?.parse().ok()
+    }
+
+    #[test]
+    fn macs_equal_weights_times_positions() {
+        let side = 64;
+        let n = |i: usize| (side >> i) * (side >> i);
+        let cfg = Config { depths: [2, 1, 1, 1], ..Config::new(3, 2, [8, 16, 24, 32]) };
+        for branches in [[true, true], [true, false], [false, true]] {
+            let cfg = Config { branches, ..cfg.clone() };
+            let vars = Vars::new(0);
+            SegNetr::new(&cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+            let want = macs_from_weights(&vars, |name, dims| {
+                let at = |i: usize| {
+                    if name.contains(".se.") {
+                        1
+                    } else if name.ends_with("local.weight") || name.ends_with("global.weight") {
+                        n(i) / dims[0]
+                    } else {
+                        n(i)
+                    }
+                };
+                let prefix = name.split('.').next().unwrap();
+                let i = || level(name, &format!("{prefix}.")).unwrap();
+                match prefix {
+                    "stem" | "head" => n(0),
+                    "encoder" | "decoder" => at(i()),
+                    // Applied at the coarser level: PM's projection, the patch expanding linear.
+                    "merge" | "expand" => n(i() + 1),
+                    "fuse" => n(i()),
+                    other => panic!("unplaced weight {other}"),
+                }
+            });
+            assert_eq!(cfg.segnetr_macs(side), want, "branches {branches:?}");
+        }
+        let vars = Vars::new(0);
+        UNet::new(&cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        let want = macs_from_weights(&vars, |name, _| match name.split('.').next().unwrap() {
+            "head" => n(0),
+            prefix => n(level(name, &format!("{prefix}.")).unwrap()),
+        });
+        assert_eq!(cfg.unet_macs(side), want);
+    }
+
+    /// A ResNet (both stems) and a ConvNeXt V2 under the U-Net decoder: full-resolution logits,
+    /// every encoder and decoder parameter learns, the decoder's MACs equal weights x positions;
+    /// a one-stage ViT and bad sides are refused by name.
+    #[test]
+    fn encoder_unet_over_registered_backbones() {
+        use crate::{Arch, ModelConfig};
+        let dev = Device::Cpu;
+        let model = |arch, widths: Vec<usize>, imagenet_stem| ModelConfig {
+            arch,
+            in_chans: 3,
+            widths: Some(widths),
+            drop_path_rate: 0.0,
+            img_size: Some(32),
+            imagenet_stem,
+            irpe: false,
+        };
+        for (mc, finest) in [
+            (model(Arch::Resnet18, vec![4, 8, 8, 8], false), 1),
+            (model(Arch::Resnet18, vec![4, 8, 8, 8], true), 4),
+            (model(Arch::Convnextv2Atto, vec![8, 8, 16, 16], false), 4),
+        ] {
+            let (enc_vars, dec_vars) = (Vars::new(1), Vars::new(2));
+            let encoder = mc.build(enc_vars.vb(DType::F32, &dev)).unwrap();
+            let side = 64;
+            let net = EncoderUNet::new(encoder, 3, 2, side, dec_vars.vb(DType::F32, &dev)).unwrap();
+            let xs = Tensor::randn(0f32, 1., (2, 3, side, side), &dev).unwrap();
+            let logits = net.forward(&xs, Mode::Train { key: 3 }).unwrap();
+            assert_eq!(logits.dims(), [2, 2, side, side], "{:?}", mc.arch);
+            let grads = logits.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            // ConvNeXt's final `head.norm` comes after the last stage: not part of a U-Net.
+            let all: Vec<(String, candle_core::Var)> = enc_vars
+                .params
+                .vars()
+                .into_iter()
+                .filter(|(n, _)| !n.starts_with("head."))
+                .chain(dec_vars.params.vars())
+                .collect();
+            selfsup_ops::testing::assert_every_var_has_grad(all.iter().map(|(n, v)| (n.as_str(), v)), &grads);
+            let n = |i: usize| (side / (finest << i)).pow(2);
+            let want = macs_from_weights(&dec_vars, |name, _| match name.split('.').next().unwrap() {
+                "head" => n(0),
+                prefix => n(level(name, &format!("{prefix}.")).unwrap()),
+            });
+            assert_eq!(net.decoder_macs(side), want, "{:?}", mc.arch);
+            let bad = Tensor::zeros((1, 3, side + 2, side), DType::F32, &dev).unwrap();
+            let e = net.forward(&bad, Mode::Eval).unwrap_err().to_string();
+            assert!(e.contains("multiples of"), "{e}");
+        }
+        let vit =
+            ModelConfig { arch: Arch::VitTinyPatch16, widths: None, ..model(Arch::VitTinyPatch16, vec![], false) };
+        let vars = Vars::new(0);
+        let encoder = vit.build(vars.vb(DType::F32, &dev)).unwrap();
+        let e = EncoderUNet::new(encoder, 3, 2, 32, Vars::new(0).vb(DType::F32, &dev)).err().unwrap().to_string();
+        assert!(e.contains("not a pyramid"), "{e}");
     }
 
     /// A tiny SegNetr overfits four images with rectangles to a high foreground Dice (issue 9's

@@ -9,7 +9,11 @@
 //! truth / prediction for its first 8 images. `segment.json` holds the configuration, the
 //! parameter count, the per-epoch val mIoU and the final val and test metrics.
 //!
-//! Not done here: loading a pretrained encoder into a ResNet or ConvNeXt U-Net variant.
+//! `encoder_unet` is the U-Net decoder over a registered backbone (`segnetr::EncoderUNet`):
+//! random weights from the `[encoder]` model table, or the pretrained backbone of any
+//! `selfsup pretrain` checkpoint (`encoder_checkpoint`, its own model config). Parameters that
+//! the U-Net does not use (ConvNeXt's final `head.norm`) are found by one eval-mode backward
+//! at build time and left out of the optimizer.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,8 +24,8 @@ use rayon::prelude::*;
 use selfsup_data::segset::{joint_augment, PLANES};
 use selfsup_data::{ImageSet, Source};
 use selfsup_eval::segmentation::{ConfusionMatrix, SegmentationMetrics};
-use selfsup_models::segnetr::{Config as NetConfig, SegNetr, Segmenter, UNet};
-use selfsup_models::{Mode, Vars};
+use selfsup_models::segnetr::{Config as NetConfig, EncoderUNet, SegNetr, Segmenter, UNet};
+use selfsup_models::{Mode, ModelConfig, Vars};
 use selfsup_objectives::{Column, Space};
 use selfsup_ops::rng::Rng;
 use serde::{Deserialize, Serialize};
@@ -34,6 +38,8 @@ use crate::schedule::warmup_cosine;
 pub enum SegModel {
     Segnetr,
     Unet,
+    /// The U-Net decoder over a registered backbone (`encoder` or `encoder_checkpoint`).
+    EncoderUnet,
 }
 
 /// A segmentation run; every field has a default, so a TOML file names only what it changes.
@@ -54,6 +60,11 @@ pub struct SegmentConfig {
     pub seed: u64,
     /// Stop after this many steps (the schedule spans them).
     pub max_steps: Option<usize>,
+    /// `encoder_unet` with random weights: the backbone (`in_chans` must be 3).
+    pub encoder: Option<ModelConfig>,
+    /// `encoder_unet` from a pretrained run: a run directory or checkpoint; its backbone and
+    /// model config are used.
+    pub encoder_checkpoint: Option<std::path::PathBuf>,
 }
 
 impl Default for SegmentConfig {
@@ -70,6 +81,8 @@ impl Default for SegmentConfig {
             crop_scale: [0.6, 1.0],
             seed: 0,
             max_steps: None,
+            encoder: None,
+            encoder_checkpoint: None,
         }
     }
 }
@@ -78,6 +91,8 @@ impl Default for SegmentConfig {
 pub struct SegReport {
     pub config: SegmentConfig,
     pub params: usize,
+    /// Multiply-accumulates of one forward at the training size, in billions (x 2 = GFLOPs).
+    pub gmacs: f64,
     pub steps: usize,
     pub train_seconds: f64,
     pub images_per_sec: f64,
@@ -98,14 +113,65 @@ fn open_split(data: &Path, split: &str) -> Result<ImageSet> {
     Ok(set)
 }
 
-/// Builds the configured network in `vars`.
-pub fn build(cfg: &SegmentConfig, vars: &Vars, device: &Device) -> Result<Box<dyn Segmenter>> {
+/// A built network with its variables and cost.
+pub struct Built {
+    pub net: Box<dyn Segmenter>,
+    /// Every variable store the network reads (a pretrained encoder has its own).
+    pub vars: Vec<Vars>,
+    /// The parameters that receive a gradient, named (decoder names unprefixed, a backbone's
+    /// as `encoder.<name>`).
+    pub trainable: Vec<(String, candle_core::Var)>,
+    /// Multiply-accumulates of one forward at `side`.
+    pub macs: usize,
+}
+
+/// Builds the configured network for `side` x `side` RGB inputs and two classes.
+pub fn build(cfg: &SegmentConfig, side: usize, device: &Device) -> Result<Built> {
     let net = NetConfig { branches: cfg.branches, ..NetConfig::new(3, 2, cfg.widths) };
+    let vars = Vars::new(cfg.seed);
     let vb = vars.vb(DType::F32, device);
-    Ok(match cfg.model {
-        SegModel::Segnetr => Box::new(SegNetr::new(&net, vb)?),
-        SegModel::Unet => Box::new(UNet::new(&net, vb)?),
-    })
+    if cfg.model != SegModel::EncoderUnet && (cfg.encoder.is_some() || cfg.encoder_checkpoint.is_some()) {
+        bail!("segment: `encoder` and `encoder_checkpoint` belong to model encoder_unet, not {:?}", cfg.model)
+    }
+    let (seg, encoder_vars, macs): (Box<dyn Segmenter>, Option<Vars>, usize) = match cfg.model {
+        SegModel::Segnetr => (Box::new(SegNetr::new(&net, vb)?), None, net.segnetr_macs(side)),
+        SegModel::Unet => (Box::new(UNet::new(&net, vb)?), None, net.unet_macs(side)),
+        SegModel::EncoderUnet => {
+            let (model, enc_vars, backbone) = match (&cfg.encoder, &cfg.encoder_checkpoint) {
+                (Some(m), None) => {
+                    let v = Vars::new(cfg.seed ^ 0xe2c0);
+                    let b = m.build(v.vb(DType::F32, device).pp("backbone"))?;
+                    (m.clone(), v, b)
+                }
+                (None, Some(path)) => {
+                    let (run, v, b) = crate::trainer::load_backbone_vars(path, device, 0.0)
+                        .with_context(|| format!("loading the encoder from {}", path.display()))?;
+                    (run.model, v, b)
+                }
+                _ => bail!(
+                    "segment: model encoder_unet needs exactly one of `encoder` (random init) and `encoder_checkpoint`"
+                ),
+            };
+            if model.in_chans != 3 {
+                bail!("segment: the encoder takes {} input channels; a segset's images have 3", model.in_chans)
+            }
+            let u = EncoderUNet::new(backbone, 3, 2, side, vb)?;
+            let macs = model.cost(side)?.1 + u.decoder_macs(side);
+            (Box::new(u), Some(enc_vars), macs)
+        }
+    };
+    let mut named: Vec<(String, candle_core::Var)> = vars.params.vars();
+    if let Some(ev) = &encoder_vars {
+        named.extend(
+            ev.params.vars().into_iter().map(|(n, v)| (format!("encoder.{}", n.trim_start_matches("backbone.")), v)),
+        );
+    }
+    // One eval-mode backward on a blank batch: parameters the forward never reaches get no
+    // gradient and stay out of the optimizer (running statistics are not touched in eval mode).
+    let probe = Tensor::zeros((1, 3, side, side), DType::F32, device)?;
+    let grads = seg.forward(&probe, Mode::Eval)?.sqr()?.mean_all()?.backward()?;
+    let trainable = named.into_iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some()).collect();
+    Ok(Built { net: seg, vars: std::iter::once(vars).chain(encoder_vars).collect(), trainable, macs })
 }
 
 /// (images (b, 3, s, s) normalised, masks (b * s * s,) u32) of records `ids`, augmented with
@@ -187,14 +253,14 @@ pub fn train_segmentation(cfg: &SegmentConfig, data: &Path, out: &Path, quiet: b
     }
     let device = Device::Cpu;
     let (train, val, test) = (open_split(data, "train")?, open_split(data, "val")?, open_split(data, "test")?);
-    let vars = Vars::new(cfg.seed);
-    let net = build(cfg, &vars, &device)?;
     let side = train.h;
+    let built = build(cfg, side, &device)?;
+    let net = &built.net;
     if side % net.multiple() != 0 {
         bail!("segment: {side} px records; {:?} needs a multiple of {}", cfg.model, net.multiple())
     }
-    let params: Vec<Param> = vars.params.vars().into_iter().map(|(n, v)| Param::new(n, v)).collect();
-    let n_params = vars.params.num_elements();
+    let n_params = built.trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    let params: Vec<Param> = built.trainable.iter().map(|(n, v)| Param::new(n.clone(), v.clone())).collect();
     let adamw = AdamWConfig { lr: cfg.lr, betas: [0.9, 0.999], eps: 1e-8, weight_decay: cfg.weight_decay };
     let mut opt = Optimizer::new(OptimizerConfig::Adamw(adamw), params)?;
     let per_epoch = train.len() / cfg.batch_size;
@@ -235,6 +301,7 @@ pub fn train_segmentation(cfg: &SegmentConfig, data: &Path, out: &Path, quiet: b
     let report = SegReport {
         config: cfg.clone(),
         params: n_params,
+        gmacs: built.macs as f64 / 1e9,
         steps: step,
         train_seconds,
         images_per_sec: (step * cfg.batch_size) as f64 / train_seconds.max(1e-9),
@@ -301,5 +368,100 @@ mod tests {
         assert!(out.path().join("segment.json").is_file() && out.path().join("overlays.png").is_file());
         let e = train_segmentation(&cfg, src.path(), out.path(), true).unwrap_err().to_string();
         assert!(e.contains("opening"), "{e}");
+    }
+
+    fn tiny_segset() -> tempfile::TempDir {
+        let src = tempfile::tempdir().unwrap();
+        for k in 0..12 {
+            let mut img = image::RgbaImage::new(40, 40);
+            for (x, y, p) in img.enumerate_pixels_mut() {
+                let inside = (8..30).contains(&x) && (6..6 + 2 * k).contains(&y);
+                *p = if inside { image::Rgba([30, 200, (k * 20) as u8, 255]) } else { image::Rgba([0, 0, 0, 0]) };
+            }
+            img.save(src.path().join(format!("{k}.png"))).unwrap();
+        }
+        let data = tempfile::tempdir().unwrap();
+        let opts = selfsup_data::segset::SegsetOptions { size: 32, seed: 1, split: [0.5, 0.25], ..Default::default() };
+        selfsup_data::segset::build_segset(src.path(), &data.path().join("set"), &opts, false).unwrap();
+        data
+    }
+
+    fn tiny_resnet(in_chans: usize) -> ModelConfig {
+        ModelConfig {
+            arch: selfsup_models::Arch::Resnet18,
+            in_chans,
+            widths: Some(vec![4, 8, 8, 8]),
+            drop_path_rate: 0.0,
+            img_size: None,
+            imagenet_stem: false,
+            irpe: false,
+        }
+    }
+
+    /// A pretrained backbone loads into the U-Net's encoder exactly (every tensor equals the
+    /// checkpoint's); a random one trains end to end; a 1-channel encoder and a misplaced
+    /// `encoder` table are refused by name.
+    #[test]
+    fn encoder_unet_from_random_and_pretrained_backbones() {
+        let data = tiny_segset();
+        let set = data.path().join("set");
+        let out = tempfile::tempdir().unwrap();
+        let base = SegmentConfig { model: SegModel::EncoderUnet, epochs: 1, batch_size: 3, ..SegmentConfig::default() };
+        let random = SegmentConfig { encoder: Some(tiny_resnet(3)), ..base.clone() };
+        let r = train_segmentation(&random, &set, out.path(), true).unwrap();
+        assert_eq!(r.steps, 2);
+        assert!(r.gmacs > 0.0 && r.params > 0);
+
+        // A checkpoint as `selfsup pretrain` writes it, for a 3-channel backbone.
+        let runs = tempfile::tempdir().unwrap();
+        let mut run = crate::testutil::tiny_config(runs.path(), &runs.path().join("run"), 1, 1);
+        run.model = tiny_resnet(3);
+        let (vars, _) = crate::trainer::random_backbone_vars(&run, &Device::Cpu, 0.0).unwrap();
+        let tensors: Vec<(String, Tensor)> = vars
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), (t + 0.25).unwrap())) // not the random init
+            .collect();
+        let manifest = crate::checkpoint::Manifest {
+            step: 1,
+            epoch: 0,
+            total_steps: 1,
+            seed: run.seed,
+            config: run.to_toml().unwrap(),
+            loss: 0.0,
+            tensors: String::new(),
+        };
+        let ckpt = crate::checkpoint::save(&runs.path().join("ckpt"), &manifest, &tensors, 1).unwrap();
+        let pretrained = SegmentConfig { encoder_checkpoint: Some(ckpt.clone()), ..base.clone() };
+        let built = build(&pretrained, 32, &Device::Cpu).unwrap();
+        let want: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        let encoder = &built.vars[1];
+        let mut checked = 0;
+        for (name, t) in encoder.tensors() {
+            let diff = (&t - &want[&format!("model.{name}")]).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+            checked += 1;
+        }
+        assert!(checked > 20 && built.trainable.iter().any(|(n, _)| n.starts_with("encoder.layer1.")));
+        train_segmentation(&pretrained, &set, out.path(), true).unwrap();
+
+        run.model = tiny_resnet(1);
+        let (vars, _) = crate::trainer::random_backbone_vars(&run, &Device::Cpu, 0.0).unwrap();
+        let tensors: Vec<(String, Tensor)> =
+            vars.tensors().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+        let manifest = crate::checkpoint::Manifest { config: run.to_toml().unwrap(), ..manifest };
+        let gray = crate::checkpoint::save(&runs.path().join("gray"), &manifest, &tensors, 1).unwrap();
+        let e = build(&SegmentConfig { encoder_checkpoint: Some(gray), ..base.clone() }, 32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("takes 1 input channels"), "{e}");
+        let e = build(&SegmentConfig { encoder: Some(tiny_resnet(3)), ..SegmentConfig::default() }, 32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("belong to model encoder_unet"), "{e}");
+        let e = build(&base, 32, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("exactly one of"), "{e}");
     }
 }

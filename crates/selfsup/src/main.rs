@@ -94,9 +94,13 @@ enum Command {
     /// epoch and test at the end (mIoU, Dice, pixel accuracy), write segment.json and
     /// overlays.png into --out.
     Segment {
-        /// `segnetr` or `unet`.
+        /// `segnetr`, `unet`, or `encoder_unet` (the U-Net decoder over a registered backbone:
+        /// `--encoder-checkpoint`, or an `[encoder]` model table in --config for random weights).
         #[arg(long)]
         model: String,
+        /// A `selfsup pretrain` run directory or checkpoint whose backbone becomes the encoder.
+        #[arg(long)]
+        encoder_checkpoint: Option<PathBuf>,
         /// The segset directory (train/, val/, test/).
         #[arg(long)]
         data: PathBuf,
@@ -427,7 +431,20 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Info { topic, size } => info(topic, size),
-        Command::Segment { model, data, out, config, epochs, batch, lr, widths, dice, branches, max_steps } => {
+        Command::Segment {
+            model,
+            encoder_checkpoint,
+            data,
+            out,
+            config,
+            epochs,
+            batch,
+            lr,
+            widths,
+            dice,
+            branches,
+            max_steps,
+        } => {
             use selfsup_train::segment::{train_segmentation, SegModel, SegmentConfig};
             let mut cfg = match &config {
                 Some(p) => {
@@ -439,8 +456,12 @@ fn run(cli: Cli) -> Result<()> {
             cfg.model = match model.as_str() {
                 "segnetr" => SegModel::Segnetr,
                 "unet" => SegModel::Unet,
-                other => anyhow::bail!("--model `{other}`: expected segnetr or unet"),
+                "encoder_unet" => SegModel::EncoderUnet,
+                other => anyhow::bail!("--model `{other}`: expected segnetr, unet or encoder_unet"),
             };
+            if encoder_checkpoint.is_some() {
+                cfg.encoder_checkpoint = encoder_checkpoint;
+            }
             if let Some(w) = widths {
                 cfg.widths = w.try_into().map_err(|w| anyhow::anyhow!("--widths needs 4 values, got {w:?}"))?;
             }
@@ -464,9 +485,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} |", m.miou, m.mdice, m.pixel_accuracy, m.iou[1]);
             }
             println!(
-                "{:?}: {} parameters, {} steps in {:.0} s ({:.1} images/s); report {}",
+                "{:?}: {} parameters, {:.2} GMACs per image, {} steps in {:.0} s ({:.1} images/s); report {}",
                 cfg.model,
                 r.params,
+                r.gmacs,
                 r.steps,
                 r.train_seconds,
                 r.images_per_sec,

@@ -505,3 +505,46 @@ fn infer_reproduces_the_model_and_names_bad_weights() {
     let e = stderr(&run(&s(&p("w.safetensors")), &s(&p("in.safetensors")), "resnet19"));
     assert!(e.contains("`resnet19` is not a registered architecture") && e.contains("convnextv2_atto"), "{e}");
 }
+
+/// `selfsup data segset` then `selfsup segment` with each model family, from the command line:
+/// the U-Net, and the U-Net decoder over a ResNet encoder given by an `[encoder]` table; the
+/// encoder model without an encoder is an error that says what is missing.
+#[test]
+fn segment_trains_unet_and_encoder_unet_from_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("png");
+    std::fs::create_dir_all(&src).unwrap();
+    for k in 0..12u32 {
+        let mut img = image::RgbaImage::new(40, 40);
+        for (x, y, p) in img.enumerate_pixels_mut() {
+            let inside = (6..30).contains(&x) && (4..8 + 2 * k).contains(&y);
+            *p = if inside { image::Rgba([200, 40, (k * 20) as u8, 255]) } else { image::Rgba([0, 0, 0, 0]) };
+        }
+        img.save(src.join(format!("{k}.png"))).unwrap();
+    }
+    let set = root.path().join("set");
+    let o = selfsup(&["data", "segset", src.to_str().unwrap(), set.to_str().unwrap(), "--size", "32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seg = |model: &str, extra: &[&str]| {
+        let out = root.path().join(model);
+        let mut args = vec!["segment", "--model", model, "--data", set.to_str().unwrap(), "--out"];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(&["--epochs", "1", "--batch", "3"]);
+        args.extend_from_slice(extra);
+        (selfsup(&args), out)
+    };
+    let (o, out) = seg("unet", &["--widths", "8,8,16,16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| test |"));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("segment.json")).unwrap()).unwrap();
+    assert!(report["gmacs"].as_f64().unwrap() > 0.0, "{report}");
+
+    let cfg = root.path().join("enc.toml");
+    std::fs::write(&cfg, "[encoder]\narch = \"resnet18\"\nin_chans = 3\nwidths = [4, 8, 8, 8]\n").unwrap();
+    let (o, out) = seg("encoder_unet", &["--config", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("overlays.png").is_file());
+    let (o, _) = seg("encoder_unet", &[]);
+    assert_fails_with(&o, &["encoder_unet needs exactly one of `encoder`"]);
+}
