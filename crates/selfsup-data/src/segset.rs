@@ -37,6 +37,25 @@ use crate::shards::ShardWriter;
 /// Planes of a segset record: RGB, then the mask.
 pub const PLANES: usize = 4;
 
+/// The images of one split of a segset without their masks, as an unlabelled 3-channel set:
+/// what self-supervised pretraining reads (`format = "segset"` in a run config), so an encoder
+/// can be pretrained on exactly the images it will later segment.
+pub fn images(dir: &Path, split: &str) -> Result<crate::ImageSet> {
+    let store = crate::shards::open(&dir.join(split))?;
+    if store.c != PLANES {
+        return Err(DataError::config(
+            "segset",
+            format!("{}/{split}: records have {} planes, a segset has {PLANES} (RGB + mask)", dir.display(), store.c),
+        ));
+    }
+    let rgb = 3 * store.h * store.w;
+    let mut pixels = Vec::with_capacity(store.n * rgb);
+    for i in 0..store.n {
+        pixels.extend_from_slice(&store.image(i)[..rgb]);
+    }
+    crate::ImageSet::new(pixels, None, store.n, 3, store.h, store.w)
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegsetOptions {
     pub size: usize,
@@ -272,6 +291,16 @@ mod tests {
         assert!(interior > 20, "{interior}");
         let e = build_segset(src.path(), &out.path().join("a"), &opts, false).unwrap_err().to_string();
         assert!(e.contains("--overwrite"), "{e}");
+
+        // The pretraining view: RGB planes only, no labels; a missing split is named.
+        let rgb = images(&out.path().join("a"), "train").unwrap();
+        let store = crate::shards::open(&out.path().join("a").join("train")).unwrap();
+        assert_eq!((rgb.n, rgb.c, rgb.h, rgb.labels.is_none()), (8, 3, 32, true));
+        for i in 0..rgb.n {
+            assert_eq!(rgb.image(i), &store.image(i)[..3 * 32 * 32], "{i}");
+        }
+        let e = images(&out.path().join("a"), "nope").unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
     }
 }
 

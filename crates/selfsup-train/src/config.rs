@@ -109,6 +109,9 @@ pub enum DataFormat {
     Shards,
     /// A directory of LMDB stores `train/` and `test/` (`selfsup data pack --to lmdb`).
     Lmdb,
+    /// A segmentation set (`selfsup data segset`): its RGB images without masks or labels, for
+    /// pretraining an encoder on the images it will segment.
+    Segset,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

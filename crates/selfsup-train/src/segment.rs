@@ -398,6 +398,63 @@ mod tests {
         }
     }
 
+    /// Issue 9's transfer path end to end: pretrain on the segset's own images
+    /// (`format = "segset"`, masks unused), then segment with that backbone as the encoder.
+    #[test]
+    fn pretrain_on_segset_images_then_segment_with_the_encoder() {
+        let data = tiny_segset();
+        let set = data.path().join("set");
+        let runs = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+seed = 3
+epochs = 1
+max_steps = 2
+batch_size = 3
+output_dir = "{out}"
+[data]
+format = "segset"
+path = "{set}"
+[model]
+arch = "resnet18"
+in_chans = 3
+widths = [4, 8, 8, 8]
+{objective}
+[[views]]
+size = 32
+crop_scale = [0.3, 1.0]
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+[[views]]
+size = 32
+crop_scale = [0.3, 1.0]
+hflip = 0.5
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+[optimizer.sgd]
+lr = 0.05
+[checkpoint]
+every = 2
+"#,
+            out = runs.path().join("run").display(),
+            set = set.display(),
+            objective = crate::testutil::BYOL,
+        );
+        let cfg = crate::RunConfig::from_toml(&text).unwrap();
+        let summary = crate::Trainer::new(cfg).unwrap().quiet().run().unwrap();
+        assert_eq!(summary.steps, 2);
+        let seg = SegmentConfig {
+            model: SegModel::EncoderUnet,
+            encoder_checkpoint: Some(runs.path().join("run")),
+            epochs: 1,
+            batch_size: 3,
+            ..SegmentConfig::default()
+        };
+        let out = tempfile::tempdir().unwrap();
+        let r = train_segmentation(&seg, &set, out.path(), true).unwrap();
+        assert_eq!(r.steps, 2);
+    }
+
     /// A pretrained backbone loads into the U-Net's encoder exactly (every tensor equals the
     /// checkpoint's); a random one trains end to end; a 1-channel encoder and a misplaced
     /// `encoder` table are refused by name.

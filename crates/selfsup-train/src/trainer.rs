@@ -33,6 +33,7 @@ pub fn load_split(data: &DataConfig, split: Split) -> Result<Arc<dyn Source>> {
         DataFormat::Cifar => Arc::new(selfsup_data::cifar::read(&data.path, split)?),
         DataFormat::Shards => Arc::new(selfsup_data::shards::open(&data.path.join(split.name()))?),
         DataFormat::Lmdb => Arc::new(selfsup_data::lmdb::LmdbStore::open(&data.path.join(split.name()))?),
+        DataFormat::Segset => Arc::new(selfsup_data::segset::images(&data.path, split.name())?),
     };
     Ok(match (split, data.limit) {
         (Split::Train, Some(n)) => take(set, n),

@@ -1,5 +1,5 @@
 //! Every committed run config parses and validates, names an objective whose view count matches
-//! its `[[views]]`, and (for the CPU-sized `*_fmnist` ones) builds its model and objective, so a
+//! its `[[views]]`, and (for the CPU-sized `*_fmnist` and `*_segset` ones) builds its model and objective, so a
 //! config cannot rot while the code moves.
 
 use std::path::PathBuf;
@@ -21,9 +21,12 @@ fn every_committed_config_parses_and_the_small_ones_build() {
         let cfg = RunConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         assert_eq!(cfg.objective.num_views(), cfg.views.len(), "{name}: views");
         let parts: Vec<&str> = name.rsplitn(2, '_').collect();
-        assert!(["fmnist", "imagenet"].contains(&parts[0]), "{name}: <objective>_<backbone>_<fmnist|imagenet>");
+        assert!(
+            ["fmnist", "imagenet", "segset"].contains(&parts[0]),
+            "{name}: <objective>_<backbone>_<fmnist|imagenet|segset>"
+        );
         assert!(name.starts_with(cfg.objective.id()), "{name}: objective `{}`", cfg.objective.id());
-        if parts[0] == "fmnist" {
+        if parts[0] != "imagenet" {
             let online = Vars::new(0);
             cfg.objective.build(&cfg.model, &online, &Device::Cpu, 0).unwrap_or_else(|e| panic!("{name}: {e}"));
         }

@@ -129,7 +129,8 @@ enum Command {
         max_steps: Option<usize>,
     },
     /// List what is registered: `models` (parameters, GMACs and GFLOPs at --size),
-    /// `objectives`, `optimizers`; everything when no topic is given.
+    /// `segmentation` (SegNetr and the U-Net at two widths, two classes, RGB), `objectives`,
+    /// `optimizers`; everything when no topic is given.
     Info {
         topic: Option<InfoTopic>,
         /// Input side for the compute columns.
@@ -141,6 +142,7 @@ enum Command {
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum InfoTopic {
     Models,
+    Segmentation,
     Objectives,
     Optimizers,
 }
@@ -539,6 +541,29 @@ fn info(topic: Option<InfoTopic>, size: usize) -> Result<()> {
             }
         }
         println!("(backbones without classifier; `selfsup segment --model segnetr|unet` trains the segmentation nets)");
+    }
+    if show(InfoTopic::Segmentation) {
+        use selfsup_models::segnetr::{Config, SegNetr, UNet};
+        println!("| segmentation net (2 classes) | params (M) | GMACs at {size} px | GFLOPs (2 x MACs) |");
+        println!("|---|---|---|---|");
+        for widths in [[32, 64, 128, 256], [64, 128, 256, 512]] {
+            let cfg = Config::new(3, 2, widths);
+            for segnetr in [true, false] {
+                let vars = selfsup_models::Vars::new(0);
+                let vb = vars.vb(candle_core::DType::F32, &candle_core::Device::Cpu);
+                let macs = if segnetr {
+                    SegNetr::new(&cfg, vb)?;
+                    cfg.segnetr_macs(size)
+                } else {
+                    UNet::new(&cfg, vb)?;
+                    cfg.unet_macs(size)
+                };
+                let name = if segnetr { "segnetr" } else { "unet" };
+                let g = macs as f64 / 1e9;
+                let params = vars.params.num_elements() as f64 / 1e6;
+                println!("| {name} {widths:?} | {params:.2} | {g:.2} | {:.2} |", 2.0 * g);
+            }
+        }
     }
     if show(InfoTopic::Objectives) {
         println!(
