@@ -28,9 +28,15 @@
 //!   positions, (h, w, C/2). Fusion (left open by the paper): concat with the upsampled decoder
 //!   map, then `1x1 conv -> BN -> GELU` to C.
 //!
-//! **U-Net** (the baseline "of comparable depth"): the same four levels and widths; each level is
-//! `(Conv3x3 -> BN -> ReLU) x 2`; max-pool 2x2 down; up is bilinear x2 then `1x1 conv` halving the
-//! channels (the bilinear variant of the common PyTorch U-Net), concat with the skip, double conv.
+//! **U-Net** ([`UNetConfig`]): any number of levels (SegNetr's four by default, so the baseline is
+//! "of comparable depth"); each level is `(Conv3x3 -> BN -> ReLU) x 2`; max-pool 2x2 down; up is
+//! either bilinear x2 then `1x1 conv` to the skip's width (the bilinear variant of the common
+//! PyTorch U-Net) or a `2x2` stride-2 transposed conv with bias (Ronneberger et al. 2015); concat
+//! with the skip, double conv. [`UNetConfig::classic`] is the paper's five-level 64-1024 net with
+//! transposed convs and padded convolutions as milesial/Pytorch-UNet builds it (`bilinear=False`):
+//! 31,037,698 parameters for 3 channels in and 2 classes, the "plain U-Net" SegNetr's parameter
+//! and GFLOP reductions are claimed against. Its transposed-conv weights keep PyTorch's
+//! `ConvTranspose2d` layout `(c_in, c_out, 2, 2)`.
 //!
 //! Inputs must be multiples of 16 (the stage-0 global group). Init: convs Kaiming normal
 //! (fan-out), Linear PyTorch default, norms 1/0.
@@ -117,17 +123,6 @@ impl Config {
         n(0) * 9 * self.in_chans * w[0] + encoder + merges + decoder + n(0) * w[0] * self.num_classes
     }
 
-    /// Multiply-accumulates of one plain U-Net forward at `side` x `side` (convolutions only:
-    /// pooling and the bilinear upsampling are not counted).
-    pub fn unet_macs(&self, side: usize) -> usize {
-        let w = self.widths;
-        let n = |i: usize| (side >> i) * (side >> i);
-        let down: usize =
-            (0..4).map(|i| n(i) * 9 * (if i == 0 { self.in_chans } else { w[i - 1] } * w[i] + w[i] * w[i])).sum();
-        let up: usize = (0..3).map(|i| n(i) * w[i + 1] * w[i] + n(i) * 9 * (2 * w[i] * w[i] + w[i] * w[i])).sum();
-        down + up + n(0) * w[0] * self.num_classes
-    }
-
     fn validate(&self, what: &str) -> Result<()> {
         if self.in_chans == 0 || self.num_classes == 0 || self.widths.contains(&0) {
             candle_core::bail!("{what}: in_chans, num_classes and widths must be positive")
@@ -139,22 +134,88 @@ impl Config {
     }
 }
 
+/// How the U-Net's decoder doubles the resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Upsample {
+    /// Bilinear x2, then a `1x1 conv` (no bias) to the skip's width.
+    #[default]
+    Bilinear,
+    /// A `2x2` stride-2 transposed conv with bias to the skip's width (Ronneberger et al.).
+    Transposed,
+}
+
+/// The plain U-Net: `widths[i]` channels at 1/2^i resolution, at least two levels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UNetConfig {
+    pub in_chans: usize,
+    pub num_classes: usize,
+    pub widths: Vec<usize>,
+    #[serde(default)]
+    pub upsample: Upsample,
+}
+
+impl UNetConfig {
+    /// The U-Net at SegNetr's four levels and widths, bilinear upsampling.
+    pub fn like(cfg: &Config) -> Self {
+        Self {
+            in_chans: cfg.in_chans,
+            num_classes: cfg.num_classes,
+            widths: cfg.widths.to_vec(),
+            upsample: Upsample::Bilinear,
+        }
+    }
+
+    /// Ronneberger et al.'s U-Net: five levels 64-1024, transposed-conv upsampling.
+    pub fn classic(in_chans: usize, num_classes: usize) -> Self {
+        Self { in_chans, num_classes, widths: vec![64, 128, 256, 512, 1024], upsample: Upsample::Transposed }
+    }
+
+    /// Multiply-accumulates of one forward at `side` x `side` (convolutions, the transposed ones
+    /// included; pooling and bilinear upsampling are not counted).
+    pub fn macs(&self, side: usize) -> usize {
+        let w = &self.widths;
+        let n = |i: usize| (side >> i) * (side >> i);
+        let down: usize =
+            (0..w.len()).map(|i| n(i) * 9 * (if i == 0 { self.in_chans } else { w[i - 1] } * w[i] + w[i] * w[i])).sum();
+        let up: usize = (0..w.len() - 1)
+            .map(|i| {
+                let resample = match self.upsample {
+                    Upsample::Bilinear => n(i) * w[i + 1] * w[i],
+                    Upsample::Transposed => n(i + 1) * w[i + 1] * 4 * w[i],
+                };
+                resample + n(i) * 9 * (2 * w[i] * w[i] + w[i] * w[i])
+            })
+            .sum();
+        down + up + n(0) * w[0] * self.num_classes
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.in_chans == 0 || self.num_classes == 0 || self.widths.contains(&0) || self.widths.len() < 2 {
+            candle_core::bail!(
+                "unet: in_chans, num_classes and widths must be positive and there must be at least two levels, got widths {:?}",
+                self.widths
+            )
+        }
+        Ok(())
+    }
+}
+
 /// The `1x1` conv to class logits both networks end with (`head.weight`, `head.bias`).
-fn head(cfg: &Config, vb: Vb) -> Result<Conv2d> {
-    let c = cfg.widths[0];
+fn head(c: usize, num_classes: usize, vb: Vb) -> Result<Conv2d> {
     let init = Init::Randn { mean: 0.0, stdev: (1.0 / c as f64).sqrt() };
-    let weight = vb.params.get_with_hints((cfg.num_classes, c, 1, 1), "weight", init)?;
-    let bias = vb.params.get_with_hints(cfg.num_classes, "bias", Init::Const(0.0))?;
+    let weight = vb.params.get_with_hints((num_classes, c, 1, 1), "weight", init)?;
+    let bias = vb.params.get_with_hints(num_classes, "bias", Init::Const(0.0))?;
     Ok(Conv2d::from_parts(weight, Some(bias), 1, 0))
 }
 
 /// xs: (b, c, h, w) with the configured channels and sides that are multiples of `multiple`.
-fn check_input(what: &str, cfg: &Config, xs: &Tensor, multiple: usize) -> Result<()> {
+fn check_input(what: &str, in_chans: usize, xs: &Tensor, multiple: usize) -> Result<()> {
     let (_, c, h, w) = xs.dims4()?;
-    if c != cfg.in_chans || h % multiple != 0 || w % multiple != 0 {
+    if c != in_chans || h % multiple != 0 || w % multiple != 0 {
         candle_core::bail!(
-            "{what}: input {c}x{h}x{w}, the model takes {} channels and sides that are multiples of {multiple}",
-            cfg.in_chans
+            "{what}: input {c}x{h}x{w}, the model takes {in_chans} channels and sides that are multiples of {multiple}"
         )
     }
     Ok(())
@@ -392,7 +453,7 @@ impl SegNetr {
             expands,
             fuses,
             decoder,
-            head: head(cfg, vb.pp("head"))?,
+            head: head(wd[0], cfg.num_classes, vb.pp("head"))?,
             cfg: cfg.clone(),
         })
     }
@@ -400,7 +461,7 @@ impl SegNetr {
 
 impl Segmenter for SegNetr {
     fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        check_input("segnetr", &self.cfg, xs, self.multiple())?;
+        check_input("segnetr", self.cfg.in_chans, xs, self.multiple())?;
         let mut x = selfsup_ops::gelu::gelu_erf(&self.stem.forward(&xs.permute((0, 2, 3, 1))?.contiguous()?, mode)?)?;
         let mut skips = Vec::with_capacity(3);
         for (i, blocks) in self.encoder.iter().enumerate() {
@@ -453,33 +514,90 @@ impl DoubleConv {
     }
 }
 
+/// The decoder's resolution doubling, to the skip's width.
+enum Up {
+    Bilinear(Conv2d),
+    /// PyTorch `ConvTranspose2d(c_in, c_out, 2, stride 2)`: weight (c_in, c_out, 2, 2), bias (c_out).
+    Transposed {
+        weight: Tensor,
+        bias: Tensor,
+    },
+}
+
+impl Up {
+    fn new(c_in: usize, c_out: usize, how: Upsample, vb: Vb) -> Result<Self> {
+        Ok(match how {
+            Upsample::Bilinear => Self::Bilinear(conv(c_in, c_out, 1, vb)?),
+            Upsample::Transposed => {
+                // PyTorch's default: kaiming_uniform(a = sqrt 5) over fan-in = c_out * 4 (dim 1
+                // of the weight is its "fan-in" for a transposed conv), i.e. U(+-1/sqrt(fan)).
+                let bound = 1.0 / ((4 * c_out) as f64).sqrt();
+                let init = Init::Uniform { lo: -bound, up: bound };
+                Self::Transposed {
+                    weight: vb.params.get_with_hints((c_in, c_out, 2, 2), "weight", init)?,
+                    bias: vb.params.get_with_hints(c_out, "bias", init)?,
+                }
+            }
+        })
+    }
+
+    /// (b, h, w, c_in) -> (b, 2h, 2w, c_out).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c_in) = x.dims4()?;
+        match self {
+            Self::Bilinear(conv) => conv.forward(&selfsup_ops::interpolate_nhwc(
+                x,
+                2 * h,
+                2 * w,
+                selfsup_ops::Resize::Bilinear { align_corners: false },
+            )?),
+            Self::Transposed { weight, bias } => {
+                // out[2y + dy, 2x + dx, o] = bias[o] + sum_i x[y, x, i] weight[i, o, dy, dx]: one
+                // GEMM to (o, dy, dx) per input pixel, then the sub-pixels are put in place.
+                let c_out = weight.dim(1)?;
+                let y = x.reshape((b * h * w, c_in))?.matmul(&weight.reshape((c_in, c_out * 4))?)?;
+                y.reshape(vec![b, h, w, c_out, 2, 2])?
+                    .permute(vec![0, 1, 4, 2, 5, 3])?
+                    .reshape((b, 2 * h, 2 * w, c_out))?
+                    .broadcast_add(bias)
+            }
+        }
+    }
+}
+
 pub struct UNet {
     encoder: Vec<DoubleConv>,
-    ups: Vec<Conv2d>,
+    ups: Vec<Up>,
     decoder: Vec<DoubleConv>,
     head: Conv2d,
-    cfg: Config,
+    cfg: UNetConfig,
 }
 
 impl UNet {
-    pub fn new(cfg: &Config, vb: Vb) -> Result<Self> {
-        cfg.validate("unet")?;
-        let wd = cfg.widths;
-        let encoder = (0..4)
+    /// Variables: `down.i` (double conv of level i, `.0`/`.1` each `conv`, `bn`), `up.i` (level
+    /// i + 1 to i), `dec.i`, `head`.
+    pub fn new(cfg: &UNetConfig, vb: Vb) -> Result<Self> {
+        cfg.validate()?;
+        let wd = &cfg.widths;
+        let levels = wd.len();
+        let encoder = (0..levels)
             .map(|i| DoubleConv::new(if i == 0 { cfg.in_chans } else { wd[i - 1] }, wd[i], vb.pp(format!("down.{i}"))))
             .collect::<Result<_>>()?;
-        let ups = (0..3).map(|i| conv(wd[i + 1], wd[i], 1, vb.pp(format!("up.{i}")))).collect::<Result<_>>()?;
-        let decoder =
-            (0..3).map(|i| DoubleConv::new(2 * wd[i], wd[i], vb.pp(format!("dec.{i}")))).collect::<Result<_>>()?;
-        Ok(Self { encoder, ups, decoder, head: head(cfg, vb.pp("head"))?, cfg: cfg.clone() })
+        let ups = (0..levels - 1)
+            .map(|i| Up::new(wd[i + 1], wd[i], cfg.upsample, vb.pp(format!("up.{i}"))))
+            .collect::<Result<_>>()?;
+        let decoder = (0..levels - 1)
+            .map(|i| DoubleConv::new(2 * wd[i], wd[i], vb.pp(format!("dec.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self { encoder, ups, decoder, head: head(wd[0], cfg.num_classes, vb.pp("head"))?, cfg: cfg.clone() })
     }
 }
 
 impl Segmenter for UNet {
     fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        check_input("unet", &self.cfg, xs, self.multiple())?;
+        check_input("unet", self.cfg.in_chans, xs, self.multiple())?;
         let mut x = xs.permute((0, 2, 3, 1))?.contiguous()?;
-        let mut skips = Vec::with_capacity(3);
+        let mut skips = Vec::with_capacity(self.encoder.len());
         for (i, level) in self.encoder.iter().enumerate() {
             if i > 0 {
                 x = selfsup_ops::max_pool2d_nhwc(&x, 2, 2, 0)?;
@@ -487,15 +605,8 @@ impl Segmenter for UNet {
             x = level.forward(&x, mode)?;
             skips.push(x.clone());
         }
-        for i in (0..3).rev() {
-            let (_, lh, lw, _) = x.dims4()?;
-            let up = selfsup_ops::interpolate_nhwc(
-                &x,
-                2 * lh,
-                2 * lw,
-                selfsup_ops::Resize::Bilinear { align_corners: false },
-            )?;
-            let up = self.ups[i].forward(&up)?;
+        for i in (0..self.decoder.len()).rev() {
+            let up = self.ups[i].forward(&x)?;
             x = self.decoder[i].forward(&Tensor::cat(&[&skips[i], &up], 3)?, mode)?;
         }
         self.head.forward(&x)?.permute((0, 3, 1, 2))
@@ -506,7 +617,7 @@ impl Segmenter for UNet {
     }
 
     fn multiple(&self) -> usize {
-        8
+        1 << (self.cfg.widths.len() - 1)
     }
 }
 
@@ -568,11 +679,10 @@ impl EncoderUNet {
         let ups = (0..n - 1).map(|i| conv(wd[i + 1], wd[i], 1, vb.pp(format!("up.{i}")))).collect::<Result<_>>()?;
         let decoder =
             (0..n - 1).map(|i| DoubleConv::new(2 * wd[i], wd[i], vb.pp(format!("dec.{i}")))).collect::<Result<_>>()?;
-        let head_cfg = Config::new(in_chans, num_classes, [wd[0]; 4]);
         Ok(Self {
             ups,
             decoder,
-            head: head(&head_cfg, vb.pp("head"))?,
+            head: head(wd[0], num_classes, vb.pp("head"))?,
             num_classes,
             stride: encoder.stride(),
             encoder,
@@ -665,8 +775,11 @@ mod tests {
         for unet in [false, true] {
             let vars = Vars::new(1);
             let vb = vars.vb(DType::F32, &Device::Cpu);
-            let m: Box<dyn Segmenter> =
-                if unet { Box::new(UNet::new(&cfg, vb).unwrap()) } else { Box::new(SegNetr::new(&cfg, vb).unwrap()) };
+            let m: Box<dyn Segmenter> = if unet {
+                Box::new(UNet::new(&UNetConfig::like(&cfg), vb).unwrap())
+            } else {
+                Box::new(SegNetr::new(&cfg, vb).unwrap())
+            };
             let xs = Tensor::randn(0f32, 1., (2, 1, 32, 32), &Device::Cpu).unwrap();
             let logits = m.forward(&xs, Mode::Train { key: 0 }).unwrap();
             assert_eq!(logits.dims(), [2, 3, 32, 32]);
@@ -738,13 +851,74 @@ mod tests {
             });
             assert_eq!(cfg.segnetr_macs(side), want, "branches {branches:?}");
         }
+        let five_levels =
+            UNetConfig { widths: vec![4, 8, 8, 16, 16], upsample: Upsample::Transposed, ..UNetConfig::like(&cfg) };
+        for (unet, transposed) in [(UNetConfig::like(&cfg), false), (five_levels, true)] {
+            let vars = Vars::new(0);
+            UNet::new(&unet, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+            let want = macs_from_weights(&vars, |name, _| match name.split('.').next().unwrap() {
+                "head" => n(0),
+                // A transposed conv's weight is applied at each pixel of the coarser level.
+                "up" if transposed => n(level(name, "up.").unwrap() + 1),
+                prefix => n(level(name, &format!("{prefix}.")).unwrap()),
+            });
+            assert_eq!(unet.macs(side), want, "transposed {transposed}");
+        }
+    }
+
+    /// The transposed-conv upsampling equals its definition, PyTorch's `ConvTranspose2d(k = 2,
+    /// stride = 2)`: out[2y + dy, 2x + dx, o] = bias[o] + sum_i x[y, x, i] w[i, o, dy, dx].
+    #[test]
+    fn transposed_upsampling_is_conv_transpose_2x2() {
+        let (b, h, w, ci, co) = (2, 3, 2, 5, 3);
+        let vars = Vars::new(3);
+        let up = Up::new(ci, co, Upsample::Transposed, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        let x = Tensor::randn(0f32, 1., (b, h, w, ci), &Device::Cpu).unwrap();
+        let got = up.forward(&x).unwrap();
+        assert_eq!(got.dims(), [b, 2 * h, 2 * w, co]);
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let wv = vars.params.get("weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bv = vars.params.get("bias").unwrap().to_vec1::<f32>().unwrap();
+        for (n, yy, xx, o) in grid4(b, 2 * h, 2 * w, co) {
+            let (y, dy, x0, dx) = (yy / 2, yy % 2, xx / 2, xx % 2);
+            let want = bv[o]
+                + (0..ci)
+                    .map(|i| xv[((n * h + y) * w + x0) * ci + i] * wv[((i * co + o) * 2 + dy) * 2 + dx])
+                    .sum::<f32>();
+            let at = ((n * 2 * h + yy) * 2 * w + xx) * co + o;
+            assert!((got[at] - want).abs() < 1e-5, "({n}, {yy}, {xx}, {o}): {} vs {want}", got[at]);
+        }
+    }
+
+    fn grid4(a: usize, b: usize, c: usize, d: usize) -> Vec<(usize, usize, usize, usize)> {
+        (0..a)
+            .flat_map(|i| (0..b).flat_map(move |j| (0..c).flat_map(move |k| (0..d).map(move |l| (i, j, k, l)))))
+            .collect()
+    }
+
+    /// The classic U-Net has milesial/Pytorch-UNet's `UNet(3, 2, bilinear=False)` parameter count
+    /// (31,037,698, counted with PyTorch), trains end to end at five levels, and refuses sides that
+    /// are not multiples of 16.
+    #[test]
+    fn classic_unet_matches_the_reference_size() {
         let vars = Vars::new(0);
-        UNet::new(&cfg, vars.vb(DType::F32, &Device::Cpu)).unwrap();
-        let want = macs_from_weights(&vars, |name, _| match name.split('.').next().unwrap() {
-            "head" => n(0),
-            prefix => n(level(name, &format!("{prefix}.")).unwrap()),
-        });
-        assert_eq!(cfg.unet_macs(side), want);
+        UNet::new(&UNetConfig::classic(3, 2), vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        assert_eq!(vars.params.num_elements(), 31_037_698);
+        assert_eq!(vars.params.get("up.3.weight").unwrap().dims(), [1024, 512, 2, 2]);
+        let small = UNetConfig { widths: vec![4, 8, 8, 8, 8], ..UNetConfig::classic(3, 2) };
+        let vars = Vars::new(1);
+        let m = UNet::new(&small, vars.vb(DType::F32, &Device::Cpu)).unwrap();
+        assert_eq!(m.multiple(), 16);
+        let xs = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let grads =
+            m.forward(&xs, Mode::Train { key: 0 }).unwrap().sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        let params = vars.params.vars();
+        selfsup_ops::testing::assert_every_var_has_grad(params.iter().map(|(n, v)| (n.as_str(), v)), &grads);
+        let e = m.forward(&Tensor::zeros((1, 3, 24, 24), DType::F32, &Device::Cpu).unwrap(), Mode::Eval).unwrap_err();
+        assert!(e.to_string().contains("multiples of 16"), "{e}");
+        let e = UNet::new(&UNetConfig { widths: vec![8], ..small }, Vars::new(0).vb(DType::F32, &Device::Cpu));
+        assert!(e.err().unwrap().to_string().contains("at least two levels"));
     }
 
     /// A ResNet (both stems) and a ConvNeXt V2 under the U-Net decoder: full-resolution logits,

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use selfsup_data::segset::{joint_augment, PLANES};
 use selfsup_data::{ImageSet, Source};
 use selfsup_eval::segmentation::{ConfusionMatrix, SegmentationMetrics};
-use selfsup_models::segnetr::{Config as NetConfig, EncoderUNet, SegNetr, Segmenter, UNet};
+use selfsup_models::segnetr::{Config as NetConfig, EncoderUNet, SegNetr, Segmenter, UNet, UNetConfig, Upsample};
 use selfsup_models::{Mode, ModelConfig, Vars};
 use selfsup_objectives::{Column, Space};
 use selfsup_ops::rng::Rng;
@@ -47,7 +47,11 @@ pub enum SegModel {
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentConfig {
     pub model: SegModel,
-    pub widths: [usize; 4],
+    /// Channels per level: four for SegNetr; two or more for the U-Net (five at 64-1024 with
+    /// `upsample = "transposed"` is Ronneberger's classic U-Net). Unused by `encoder_unet`.
+    pub widths: Vec<usize>,
+    /// How the U-Net's decoder upsamples: `bilinear` (then a 1x1 conv) or `transposed`.
+    pub upsample: Upsample,
     /// SegNetr's local and global branches (the ablation).
     pub branches: [bool; 2],
     pub epochs: usize,
@@ -71,7 +75,8 @@ impl Default for SegmentConfig {
     fn default() -> Self {
         Self {
             model: SegModel::Segnetr,
-            widths: [32, 64, 128, 256],
+            widths: vec![32, 64, 128, 256],
+            upsample: Upsample::Bilinear,
             branches: [true, true],
             epochs: 10,
             batch_size: 32,
@@ -127,15 +132,26 @@ pub struct Built {
 
 /// Builds the configured network for `side` x `side` RGB inputs and two classes.
 pub fn build(cfg: &SegmentConfig, side: usize, device: &Device) -> Result<Built> {
-    let net = NetConfig { branches: cfg.branches, ..NetConfig::new(3, 2, cfg.widths) };
     let vars = Vars::new(cfg.seed);
     let vb = vars.vb(DType::F32, device);
     if cfg.model != SegModel::EncoderUnet && (cfg.encoder.is_some() || cfg.encoder_checkpoint.is_some()) {
         bail!("segment: `encoder` and `encoder_checkpoint` belong to model encoder_unet, not {:?}", cfg.model)
     }
+    if cfg.model != SegModel::Unet && cfg.upsample != Upsample::Bilinear {
+        bail!("segment: `upsample` belongs to model unet, not {:?}", cfg.model)
+    }
     let (seg, encoder_vars, macs): (Box<dyn Segmenter>, Option<Vars>, usize) = match cfg.model {
-        SegModel::Segnetr => (Box::new(SegNetr::new(&net, vb)?), None, net.segnetr_macs(side)),
-        SegModel::Unet => (Box::new(UNet::new(&net, vb)?), None, net.unet_macs(side)),
+        SegModel::Segnetr => {
+            let widths: [usize; 4] = cfg.widths.clone().try_into().map_err(|w: Vec<usize>| {
+                anyhow::anyhow!("segment: SegNetr has four levels, `widths` has {} values: {w:?}", w.len())
+            })?;
+            let net = NetConfig { branches: cfg.branches, ..NetConfig::new(3, 2, widths) };
+            (Box::new(SegNetr::new(&net, vb)?), None, net.segnetr_macs(side))
+        }
+        SegModel::Unet => {
+            let net = UNetConfig { in_chans: 3, num_classes: 2, widths: cfg.widths.clone(), upsample: cfg.upsample };
+            (Box::new(UNet::new(&net, vb)?), None, net.macs(side))
+        }
         SegModel::EncoderUnet => {
             let (model, enc_vars, backbone) = match (&cfg.encoder, &cfg.encoder_checkpoint) {
                 (Some(m), None) => {
@@ -360,7 +376,7 @@ mod tests {
         let opts = selfsup_data::segset::SegsetOptions { size: 32, seed: 1, split: [0.5, 0.25], ..Default::default() };
         selfsup_data::segset::build_segset(src.path(), &data.path().join("set"), &opts, false).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let cfg = SegmentConfig { widths: [8, 8, 16, 16], epochs: 2, batch_size: 3, ..SegmentConfig::default() };
+        let cfg = SegmentConfig { widths: vec![8, 8, 16, 16], epochs: 2, batch_size: 3, ..SegmentConfig::default() };
         let r = train_segmentation(&cfg, &data.path().join("set"), out.path(), true).unwrap();
         assert_eq!(r.steps, 4);
         assert_eq!(r.val_miou_per_epoch.len(), 2);

@@ -116,9 +116,12 @@ enum Command {
         batch: Option<usize>,
         #[arg(long)]
         lr: Option<f64>,
-        /// Channels of the four levels, e.g. 32,64,128,256.
+        /// Channels per level, e.g. 32,64,128,256 (SegNetr: four levels; U-Net: two or more).
         #[arg(long, value_delimiter = ',')]
         widths: Option<Vec<usize>>,
+        /// U-Net upsampling: `bilinear` (then a 1x1 conv) or `transposed` (2x2 stride-2 conv).
+        #[arg(long)]
+        upsample: Option<String>,
         /// Weight of the soft Dice loss added to cross-entropy.
         #[arg(long)]
         dice: Option<f64>,
@@ -443,10 +446,12 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             lr,
             widths,
+            upsample,
             dice,
             branches,
             max_steps,
         } => {
+            use selfsup_models::segnetr::Upsample;
             use selfsup_train::segment::{train_segmentation, SegModel, SegmentConfig};
             let mut cfg = match &config {
                 Some(p) => {
@@ -465,7 +470,14 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.encoder_checkpoint = encoder_checkpoint;
             }
             if let Some(w) = widths {
-                cfg.widths = w.try_into().map_err(|w| anyhow::anyhow!("--widths needs 4 values, got {w:?}"))?;
+                cfg.widths = w;
+            }
+            if let Some(u) = upsample {
+                cfg.upsample = match u.as_str() {
+                    "bilinear" => Upsample::Bilinear,
+                    "transposed" => Upsample::Transposed,
+                    other => anyhow::bail!("--upsample `{other}`: expected bilinear or transposed"),
+                };
             }
             if let Some(b) = branches {
                 cfg.branches = match b.as_str() {
@@ -543,27 +555,29 @@ fn info(topic: Option<InfoTopic>, size: usize) -> Result<()> {
         println!("(backbones without classifier; `selfsup segment --model segnetr|unet` trains the segmentation nets)");
     }
     if show(InfoTopic::Segmentation) {
-        use selfsup_models::segnetr::{Config, SegNetr, UNet};
+        use selfsup_models::segnetr::{Config, SegNetr, UNet, UNetConfig};
         println!("| segmentation net (2 classes) | params (M) | GMACs at {size} px | GFLOPs (2 x MACs) |");
         println!("|---|---|---|---|");
+        let row = |name: String, vars: selfsup_models::Vars, macs: usize| {
+            let g = macs as f64 / 1e9;
+            let params = vars.params.num_elements() as f64 / 1e6;
+            println!("| {name} | {params:.2} | {g:.2} | {:.2} |", 2.0 * g);
+        };
+        let new_vars = || selfsup_models::Vars::new(0);
         for widths in [[32, 64, 128, 256], [64, 128, 256, 512]] {
             let cfg = Config::new(3, 2, widths);
-            for segnetr in [true, false] {
-                let vars = selfsup_models::Vars::new(0);
-                let vb = vars.vb(candle_core::DType::F32, &candle_core::Device::Cpu);
-                let macs = if segnetr {
-                    SegNetr::new(&cfg, vb)?;
-                    cfg.segnetr_macs(size)
-                } else {
-                    UNet::new(&cfg, vb)?;
-                    cfg.unet_macs(size)
-                };
-                let name = if segnetr { "segnetr" } else { "unet" };
-                let g = macs as f64 / 1e9;
-                let params = vars.params.num_elements() as f64 / 1e6;
-                println!("| {name} {widths:?} | {params:.2} | {g:.2} | {:.2} |", 2.0 * g);
-            }
+            let vars = new_vars();
+            SegNetr::new(&cfg, vars.vb(candle_core::DType::F32, &candle_core::Device::Cpu))?;
+            row(format!("segnetr {widths:?}"), vars, cfg.segnetr_macs(size));
+            let unet = UNetConfig::like(&cfg);
+            let vars = new_vars();
+            UNet::new(&unet, vars.vb(candle_core::DType::F32, &candle_core::Device::Cpu))?;
+            row(format!("unet {widths:?}"), vars, unet.macs(size));
         }
+        let classic = UNetConfig::classic(3, 2);
+        let vars = new_vars();
+        UNet::new(&classic, vars.vb(candle_core::DType::F32, &candle_core::Device::Cpu))?;
+        row(format!("unet classic {:?} transposed", classic.widths), vars, classic.macs(size));
     }
     if show(InfoTopic::Objectives) {
         println!(

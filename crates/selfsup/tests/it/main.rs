@@ -413,6 +413,11 @@ fn info_lists_every_architecture_with_its_cost() {
     assert_eq!(rows, selfsup_models::Arch::ALL.len() + resnets, "{out}");
     assert!(!out.contains("objectives"), "{out}");
 
+    // The classic U-Net row: milesial/Pytorch-UNet's 31.04 M parameters.
+    let o = selfsup(&["info", "segmentation", "--size", "96"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("| unet classic [64, 128, 256, 512, 1024] transposed | 31.04 |"), "{out}");
+
     let o = selfsup(&["info"]);
     let out = String::from_utf8_lossy(&o.stdout);
     for id in ["byol", "fcmae", "moco_v2", "densecl", "lomar", "mae", "care", "sgd", "lars", "adamw"] {
@@ -539,6 +544,17 @@ fn segment_trains_unet_and_encoder_unet_from_the_cli() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("segment.json")).unwrap()).unwrap();
     assert!(report["gmacs"].as_f64().unwrap() > 0.0, "{report}");
+    // Five levels with transposed-conv upsampling (the classic U-Net's shape, narrow).
+    let (o, out) = seg("unet", &["--widths", "4,8,8,8,8", "--upsample", "transposed"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("segment.json")).unwrap()).unwrap();
+    assert_eq!(report["config"]["upsample"], "transposed", "{report}");
+    assert_eq!(report["config"]["widths"].as_array().unwrap().len(), 5, "{report}");
+    let (o, _) = seg("segnetr", &["--widths", "4,8,8,8,8"]);
+    assert_fails_with(&o, &["SegNetr has four levels", "5 values"]);
+    let (o, _) = seg("segnetr", &["--upsample", "transposed"]);
+    assert_fails_with(&o, &["`upsample` belongs to model unet"]);
 
     let cfg = root.path().join("enc.toml");
     std::fs::write(&cfg, "[encoder]\narch = \"resnet18\"\nin_chans = 3\nwidths = [4, 8, 8, 8]\n").unwrap();
