@@ -291,9 +291,7 @@ struct SpatialAttention {
 impl SpatialAttention {
     fn forward(&self, groups: &Tensor) -> Result<Tensor> {
         let logits = self.fc.forward(&groups.mean(D::Minus1)?)?; // (g, n)
-        let max = logits.max_keepdim(1)?.detach();
-        let e = logits.broadcast_sub(&max)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(1)?)?;
+        let p = selfsup_ops::softmax::softmax_last_dim(&logits)?;
         groups.broadcast_mul(&(p * self.n as f64)?.unsqueeze(2)?)
     }
 }
