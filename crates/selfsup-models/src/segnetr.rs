@@ -896,8 +896,8 @@ mod tests {
     }
 
     /// The classic U-Net has milesial/Pytorch-UNet's `UNet(3, 2, bilinear=False)` parameter count
-    /// (31,037,698, counted with PyTorch), trains end to end at five levels, and refuses sides that
-    /// are not multiples of 16.
+    /// (31,037,698, counted by `scripts/count_unet_classic_params.py`), trains end to end at five
+    /// levels, and refuses sides that are not multiples of 16.
     #[test]
     fn classic_unet_matches_the_reference_size() {
         let vars = Vars::new(0);
