@@ -122,6 +122,9 @@ fn dense_convs(bench: &mut Bench) {
         ("conv3x3_s2_64to128_56px", 56, 64, 128, 3, 2, 1, &[Mode::FwdBwd][..], false),
         ("conv1x1_64to256_56px", 56, 64, 256, 1, 1, 0, &[Mode::FwdBwd][..], false),
         ("conv7x7_s2_stem_224px", 224, 3, 64, 7, 2, 3, &[Mode::FwdBwd][..], false),
+        // ResNet-18's layer3 and layer4 at 64 px: few rows, large weights (the small-map tiling).
+        ("conv3x3_256_4px", 4, 256, 256, 3, 1, 1, &[Mode::FwdBwd][..], false),
+        ("conv3x3_512_2px", 2, 512, 512, 3, 1, 1, &[Mode::FwdBwd][..], false),
     ];
     for (name, h, ci, co, k, s, p, modes, with_ref) in cases {
         let inputs = || vec![randn(&[B, h, h, ci], 1), (randn(&[co, ci, k, k], 2) * 0.05).unwrap()];

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{exp_shifted_sum, f32_slice, mm, SyncPtr};
+use crate::cpu::{exp_shifted_sum, f32_slice, mm_par, SyncPtr};
 
 /// iRPE's contextual bias on keys: `ctx_scale * q_i . table[head or 0][:, buckets[i * lk + j]]`.
 #[derive(Debug, Clone)]
@@ -144,7 +144,7 @@ fn logits(d: &Dims, pos: &Pos, scale: f32, q: &[f32], kv: &[f32], p: &[f32], gi:
     // SAFETY: q rows q(gi, i, head) + [0, d) for i < lq and k rows kv(gi, j, ks, head) + [0, d)
     // lie inside their tensors (shapes checked by the caller); sc.s holds lq * lk values.
     unsafe {
-        mm(
+        mm_par(
             lq,
             lk,
             d.d,
@@ -158,6 +158,7 @@ fn logits(d: &Dims, pos: &Pos, scale: f32, q: &[f32], kv: &[f32], p: &[f32], gi:
             1,
             d.kv_stride(),
             scale,
+            false,
         )
     };
     if pos.bias {
@@ -172,7 +173,7 @@ fn logits(d: &Dims, pos: &Pos, scale: f32, q: &[f32], kv: &[f32], p: &[f32], gi:
         // qr (lq x nb) = ctx_scale * Q (lq x d) . T (d x nb)
         // SAFETY: the table slice [off, off + d * nb) is inside `p`; sc.qr holds lq * nb values.
         unsafe {
-            mm(
+            mm_par(
                 lq,
                 nb,
                 d.d,
@@ -186,6 +187,7 @@ fn logits(d: &Dims, pos: &Pos, scale: f32, q: &[f32], kv: &[f32], p: &[f32], gi:
                 nb as isize,
                 1,
                 pos.ctx_scale,
+                false,
             )
         };
         for i in 0..lq {
@@ -245,7 +247,7 @@ impl CustomOp3 for Attention {
                     // O (lq x d) = P (lq x lk) . V (lk x d), into this window's output rows.
                     // SAFETY: `o` is window gi's (lq, h, d) block; v rows are inside kv.
                     unsafe {
-                        mm(
+                        mm_par(
                             d.lq,
                             d.d,
                             d.lk,
@@ -259,6 +261,7 @@ impl CustomOp3 for Attention {
                             d.kv_stride(),
                             1,
                             1.0,
+                            false,
                         )
                     };
                 }
@@ -359,7 +362,7 @@ impl Attention {
             // inside its buffer; the scratch buffers have the sizes the GEMMs use; the gradient
             // regions (window gi's rows of dq / dkv) are written by this task only.
             unsafe {
-                mm(
+                mm_par(
                     lq,
                     lk,
                     d.d,
@@ -373,6 +376,7 @@ impl Attention {
                     1,
                     d.kv_stride(),
                     1.0,
+                    false,
                 )
             };
             // dS = P * (dP - rowsum(dO * O))
@@ -384,7 +388,7 @@ impl Attention {
             }
             unsafe {
                 // dV (lk x d) = P^T (lk x lq) . dO (lq x d)
-                mm(
+                mm_par(
                     lk,
                     d.d,
                     lq,
@@ -398,9 +402,10 @@ impl Attention {
                     d.out_stride(),
                     1,
                     1.0,
+                    false,
                 );
                 // dK (lk x d) = scale * dS^T (lk x lq) . Q (lq x d)
-                mm(
+                mm_par(
                     lk,
                     d.d,
                     lq,
@@ -414,9 +419,10 @@ impl Attention {
                     d.q_stride(),
                     1,
                     self.scale,
+                    false,
                 );
                 // dQ (lq x d) = scale * dS (lq x lk) . K (lk x d)
-                mm(
+                mm_par(
                     lq,
                     d.d,
                     lk,
@@ -430,6 +436,7 @@ impl Attention {
                     d.kv_stride(),
                     1,
                     self.scale,
+                    false,
                 );
             }
             if self.pos.bias {
@@ -447,7 +454,7 @@ impl Attention {
                 let cs = self.pos.ctx_scale;
                 unsafe {
                     // dQ += ctx_scale * A (lq x nb) . T^T (nb x d)
-                    mm(
+                    mm_par(
                         lq,
                         d.d,
                         nb,
@@ -461,9 +468,10 @@ impl Attention {
                         1,
                         nb as isize,
                         cs,
+                        false,
                     );
                     // dT (d x nb) += ctx_scale * Q^T (d x lq) . A (lq x nb)
-                    mm(
+                    mm_par(
                         d.d,
                         nb,
                         lq,
@@ -477,6 +485,7 @@ impl Attention {
                         nb as isize,
                         1,
                         cs,
+                        false,
                     );
                 }
             }

@@ -47,12 +47,14 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 /// `dst (m x n) = [dst +] beta * lhs (m x k) . rhs (k x n)`, all strided (row stride, column
-/// stride), single-threaded.
+/// stride); single-threaded, or on every rayon thread when `parallel` (gemm splits the output
+/// tiles between threads; each element's sum over `k` runs in the same order either way, so the
+/// result does not depend on the thread count).
 ///
 /// # Safety
 /// Every pointer must be valid for the elements its strides and sizes address, and `dst` must
 /// not overlap `lhs` or `rhs`.
-pub(crate) unsafe fn mm(
+pub(crate) unsafe fn mm_par(
     m: usize,
     n: usize,
     k: usize,
@@ -66,7 +68,9 @@ pub(crate) unsafe fn mm(
     rhs_rs: isize,
     rhs_cs: isize,
     beta: f32,
+    parallel: bool,
 ) {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     // SAFETY: forwarded from the caller's contract.
     unsafe {
         gemm::gemm(
@@ -88,7 +92,7 @@ pub(crate) unsafe fn mm(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
         )
     }
 }
