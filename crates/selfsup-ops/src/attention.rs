@@ -31,10 +31,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{exp_shifted_sum, f32_slice, mm_par, SyncPtr};
+use crate::cpu::{cpu_f32, exp_shifted_sum, f32_slice, mm_par, SyncPtr};
 
 /// iRPE's contextual bias on keys: `ctx_scale * q_i . table[head or 0][:, buckets[i * lk + j]]`.
 #[derive(Debug, Clone)]
@@ -293,8 +293,10 @@ impl CustomOp3 for Attention {
             let (so, lo) = res.storage_and_layout();
             let (sg, lg) = grad.storage_and_layout();
             // Everything stays borrowed (no copies) through the backward below.
-            let (q, kv) = (cpu_f32(&sq, lq_, "q")?, cpu_f32(&skv, lkv, "kv")?);
-            let (p, o, g) = (cpu_f32(&sp, lp, "pos")?, cpu_f32(&so, lo, "output")?, cpu_f32(&sg, lg, "grad")?);
+            let what = |name: &str| format!("window_attention backward: {name}");
+            let (q, kv) = (cpu_f32(&sq, lq_, &what("q"))?, cpu_f32(&skv, lkv, &what("kv"))?);
+            let (p, o) = (cpu_f32(&sp, lp, &what("pos"))?, cpu_f32(&so, lo, &what("output"))?);
+            let g = cpu_f32(&sg, lg, &what("grad"))?;
             self.backward(q, kv, p, o, g, &lse)
         };
         let dev = q_src.device();
@@ -494,13 +496,6 @@ impl Attention {
 }
 
 /// The f32 data of a CPU storage (the backward reads its inputs where they are).
-fn cpu_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => f32_slice(c, l, what),
-        _ => candle_core::bail!("window_attention backward: {what} is not on the CPU"),
-    }
-}
-
 /// Checks the positional terms against the shapes and packs the differentiable ones.
 fn pack_pos(
     pos: &PositionBias,

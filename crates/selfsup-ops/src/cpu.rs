@@ -19,6 +19,15 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     }
 }
 
+/// The f32 data of a contiguous tensor's storage (from `Tensor::storage_and_layout`), or an
+/// error naming `what` when it is not on the CPU, not f32 or not contiguous.
+pub(crate) fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("{what} is not on the CPU"),
+    }
+}
+
 /// True when the fast CPU kernel applies: f32 on the CPU. Other dtypes are converted to f32 by
 /// the public wrappers; other devices take the reference path (or a CUDA kernel, later).
 pub(crate) fn is_cpu_f32(t: &candle_core::Tensor) -> bool {
