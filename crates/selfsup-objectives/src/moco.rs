@@ -137,18 +137,21 @@ impl Queue {
         Ok(Self { keys: l2_normalize(&Tensor::from_vec(v, (size, dim), device)?)?, ptr: 0 })
     }
 
-    /// Replaces the oldest rows by `keys` (b, dim), wrapping at the end.
+    /// Replaces the oldest rows by `keys` (b, dim), wrapping at the end. The rows are written
+    /// in place (`slice_set`): rebuilding the queue through `slice_scatter0` copied all of it
+    /// (32 MB for DenseCL's two 65,536 x 128 queues) on every step. Call it only once the
+    /// step's backward is done, as `after_step` does: the loss's graph reads the queue.
     pub fn push(&mut self, keys: &Tensor) -> Result<()> {
         let size = self.keys.dim(0)?;
-        let mut keys = keys.detach();
+        let mut keys = keys.detach().to_dtype(self.keys.dtype())?;
         if keys.dim(0)? > size {
             keys = keys.narrow(0, keys.dim(0)? - size, size)?;
         }
         let b = keys.dim(0)?;
         let first = b.min(size - self.ptr);
-        self.keys = self.keys.slice_scatter0(&keys.narrow(0, 0, first)?, self.ptr)?;
+        self.keys.slice_set(&keys.narrow(0, 0, first)?.contiguous()?, 0, self.ptr)?;
         if first < b {
-            self.keys = self.keys.slice_scatter0(&keys.narrow(0, first, b - first)?, 0)?;
+            self.keys.slice_set(&keys.narrow(0, first, b - first)?.contiguous()?, 0, 0)?;
         }
         self.ptr = (self.ptr + b) % size;
         Ok(())
@@ -156,7 +159,9 @@ impl Queue {
 
     pub fn state(&self, name: &str) -> Vec<(String, Tensor)> {
         let ptr = Tensor::new(&[self.ptr as u32], self.keys.device()).expect("a one-element tensor");
-        vec![(name.to_string(), self.keys.clone()), (format!("{name}_ptr"), ptr)]
+        // A copy: `push` writes into `self.keys` in place.
+        let keys = self.keys.copy().expect("a copy of the queue");
+        vec![(name.to_string(), keys), (format!("{name}_ptr"), ptr)]
     }
 
     pub fn load(&mut self, name: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
@@ -174,7 +179,8 @@ impl Queue {
         if ptr >= self.keys.dim(0)? {
             candle_core::bail!("checkpoint `{name}_ptr` = {ptr} is outside the queue")
         }
-        self.keys = keys.to_device(self.keys.device())?.to_dtype(DType::F32)?;
+        // A copy, never the caller's storage: `push` writes in place.
+        self.keys = keys.to_device(self.keys.device())?.to_dtype(DType::F32)?.copy()?;
         self.ptr = ptr;
         Ok(())
     }
@@ -344,6 +350,14 @@ mod tests {
         r.load("queue", &state).unwrap();
         assert_eq!(r.ptr, 1);
         assert_eq!(r.keys.to_vec2::<f32>().unwrap(), q.keys.to_vec2::<f32>().unwrap());
+        // Pushes write in place, but never into a saved state or into the queue it came from.
+        let saved = state["queue"].to_vec2::<f32>().unwrap();
+        r.push(&keys(30.0)).unwrap();
+        q.push(&keys(40.0)).unwrap();
+        assert_eq!(state["queue"].to_vec2::<f32>().unwrap(), saved);
+        let col = |q: &Queue| q.keys.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(col(&r), [22.0, 30.0, 31.0, 32.0, 21.0]);
+        assert_eq!(col(&q), [22.0, 40.0, 41.0, 42.0, 21.0]);
         let mut small = Queue::new(4, 2, 1, &Device::Cpu).unwrap();
         assert!(small.load("queue", &state).unwrap_err().to_string().contains("has shape [5, 2]"));
     }
