@@ -98,12 +98,15 @@ crate::cpu::impl_optional_bias_op!(LinearOp, "linear");
 /// stride of n on one thread: it was 8.5 % of a LoMaR step (ViT-Tiny, batch 32 at 64 px,
 /// 3200 tokens; perf, `Map1::map` under this backward).
 fn sum_rows(g: &Tensor, n: usize) -> Result<Tensor> {
-    let sums = if n == 0 {
-        Vec::new()
-    } else {
+    let sums = {
         let (s, l) = g.storage_and_layout();
         let g = cpu_f32(&s, l, "linear backward: grad")?;
-        par_accumulate(g.len() / n, n, |i, acc| acc.iter_mut().zip(&g[i * n..(i + 1) * n]).for_each(|(a, v)| *a += v))
+        match g.len().checked_div(n) {
+            Some(m) => {
+                par_accumulate(m, n, |i, acc| acc.iter_mut().zip(&g[i * n..(i + 1) * n]).for_each(|(a, v)| *a += v))
+            }
+            None => Vec::new(),
+        }
     };
     Tensor::from_vec(sums, n, g.device())
 }
