@@ -293,10 +293,13 @@ impl CustomOp3 for Attention {
             let (so, lo) = res.storage_and_layout();
             let (sg, lg) = grad.storage_and_layout();
             // Everything stays borrowed (no copies) through the backward below.
-            let what = |name: &str| format!("window_attention backward: {name}");
-            let (q, kv) = (cpu_f32(&sq, lq_, &what("q"))?, cpu_f32(&skv, lkv, &what("kv"))?);
-            let (p, o) = (cpu_f32(&sp, lp, &what("pos"))?, cpu_f32(&so, lo, &what("output"))?);
-            let g = cpu_f32(&sg, lg, &what("grad"))?;
+            let (q, kv) = (
+                cpu_f32(&sq, lq_, "window_attention backward: q")?,
+                cpu_f32(&skv, lkv, "window_attention backward: kv")?,
+            );
+            let p = cpu_f32(&sp, lp, "window_attention backward: pos")?;
+            let o = cpu_f32(&so, lo, "window_attention backward: output")?;
+            let g = cpu_f32(&sg, lg, "window_attention backward: grad")?;
             self.backward(q, kv, p, o, g, &lse)
         };
         let dev = q_src.device();
