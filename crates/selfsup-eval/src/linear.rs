@@ -10,6 +10,16 @@
 //!   batch/256, weight decay 0, cosine, 80 epochs.
 //! - [`ProbeConfig::standard`]: a plain linear head, lr 0.1 x batch/256, cosine, 90 epochs,
 //!   weight decay 0 (solo-learn's default shape).
+//! - [`ProbeConfig::mae`]: MAE's `main_linprobe.py` head, `BatchNorm1d(d, affine=False,
+//!   eps=1e-6)` on the features before the Linear (init N(0, 0.01) / 0; MAE's is trunc-normal
+//!   0.01), at blr 0.1 x batch/256, weight decay 0, 10 warm-up epochs then cosine to 0 over 90
+//!   epochs. The feature BN standardises each feature (batch statistics in training, running ones
+//!   at test time), so the probe does not depend on the features' scale, which differs by orders
+//!   of magnitude between objectives and random init (the plain preset could not fit DenseCL's
+//!   features even on the training set: docs/benchmarks.md). Deviation: MAE's optimizer is LARS
+//!   at batch 16384; at batch 256 LARS moves the small-init head by 0.01 % of its norm per step
+//!   and barely left the start in short probes, so this preset uses SGD with momentum 0.9 as
+//!   the others.
 //!
 //! Deviation: the references train the probe on augmented crops (RRC + flip) through the frozen
 //! encoder; caching the features of the un-augmented images, as here, runs the backbone once
@@ -40,6 +50,11 @@ pub struct ProbeConfig {
     pub schedule: Schedule,
     /// CARE's head: BatchNorm1d (affine) over the logits after the Linear.
     pub bn_head: bool,
+    /// MAE's head: BatchNorm1d without affine (eps 1e-6) over the features before the Linear.
+    pub feature_bn: bool,
+    /// Linear warm-up from 0 over this many epochs (per iteration), then the schedule over the
+    /// remaining epochs (MAE's `lr_sched.adjust_learning_rate`).
+    pub warmup_epochs: usize,
     pub seed: u64,
 }
 
@@ -53,6 +68,8 @@ impl ProbeConfig {
             weight_decay: 0.0,
             schedule: Schedule::Step { milestones: vec![60, 80], gamma: 0.1 },
             bn_head: false,
+            feature_bn: false,
+            warmup_epochs: 0,
             seed: 0,
         }
     }
@@ -66,6 +83,8 @@ impl ProbeConfig {
             weight_decay: 0.0,
             schedule: Schedule::Cosine,
             bn_head: true,
+            feature_bn: false,
+            warmup_epochs: 0,
             seed: 0,
         }
     }
@@ -79,13 +98,25 @@ impl ProbeConfig {
             weight_decay: 0.0,
             schedule: Schedule::Cosine,
             bn_head: false,
+            feature_bn: false,
+            warmup_epochs: 0,
             seed: 0,
         }
     }
 
+    /// The standard recipe (MAE's epochs, lr per 256 and cosine) with MAE's feature BN and its
+    /// 10 warm-up epochs.
+    pub fn mae() -> Self {
+        Self { feature_bn: true, warmup_epochs: 10, ..Self::standard() }
+    }
+
     /// The learning rate at iteration `it` of `per_epoch * epochs`.
     fn lr_at(&self, it: usize, per_epoch: usize) -> f64 {
-        let total = (per_epoch * self.epochs).max(1);
+        let warmup = per_epoch * self.warmup_epochs;
+        if it < warmup {
+            return self.lr * it as f64 / warmup as f64;
+        }
+        let (it, total) = (it - warmup, (per_epoch * self.epochs.saturating_sub(self.warmup_epochs)).max(1));
         match &self.schedule {
             Schedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * it as f64 / total as f64).cos()),
             Schedule::Step { milestones, gamma } => {
@@ -111,9 +142,27 @@ struct Head {
     b: Var,
     /// BN over the logits: weight, bias, running mean, running var.
     bn: Option<(Var, Var, Tensor, Tensor)>,
+    /// BN without affine over the features: running mean, running var.
+    feature_bn: Option<(Tensor, Tensor)>,
 }
 
+/// MAE's feature BatchNorm1d epsilon.
+const FEATURE_BN_EPS: f64 = 1e-6;
+
 impl Head {
+    /// The features through the feature BN (when there is one); in training also the batch's
+    /// (mean, unbiased variance) for the running estimates.
+    fn features(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let Some((rm, rv)) = &self.feature_bn else { return Ok((x.clone(), None)) };
+        let (ones, zeros) = (rm.ones_like()?, rm.zeros_like()?);
+        if train {
+            let (y, stats) = batch_norm_train(x, &ones, &zeros, FEATURE_BN_EPS, false)?;
+            Ok((y, Some((stats.mean, stats.var_unbiased))))
+        } else {
+            Ok((batch_norm_eval(x, &ones, &zeros, rm, rv, FEATURE_BN_EPS)?, None))
+        }
+    }
+
     fn logits(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let z = x.matmul(&self.w.as_tensor().t()?)?.broadcast_add(self.b.as_tensor())?;
         match &self.bn {
@@ -177,7 +226,11 @@ pub fn linear_probe(
         w: Var::from_tensor(&Tensor::from_vec(w0, (num_classes, d), &dev)?)?,
         b: Var::zeros(num_classes, DType::F32, &dev)?,
         bn: None,
+        feature_bn: None,
     };
+    if cfg.feature_bn {
+        head.feature_bn = Some((Tensor::zeros(d, DType::F32, &dev)?, Tensor::ones(d, DType::F32, &dev)?));
+    }
     if cfg.bn_head {
         head.bn = Some((
             Var::ones(num_classes, DType::F32, &dev)?,
@@ -193,8 +246,8 @@ pub fn linear_probe(
     let mut velocity: Vec<Tensor> = params.iter().map(|p| p.as_tensor().zeros_like()).collect::<Result<_>>()?;
     let labels_t = Tensor::from_slice(train_labels, n, &dev)?;
     // The last partial batch is dropped when it would leave a single sample for BatchNorm.
-    let per_epoch =
-        if cfg.bn_head && n % cfg.batch_size == 1 { n / cfg.batch_size } else { n.div_ceil(cfg.batch_size) };
+    let any_bn = cfg.bn_head || cfg.feature_bn;
+    let per_epoch = if any_bn && n % cfg.batch_size == 1 { n / cfg.batch_size } else { n.div_ceil(cfg.batch_size) };
     let mut epoch_loss = Vec::with_capacity(cfg.epochs);
     for epoch in 0..cfg.epochs {
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -205,6 +258,7 @@ pub fn linear_probe(
             let ids = &order[it * cfg.batch_size..((it + 1) * cfg.batch_size).min(n)];
             let ids = Tensor::from_slice(ids, ids.len(), &dev)?;
             let (x, y) = (train.index_select(&ids, 0)?, labels_t.index_select(&ids, 0)?);
+            let (x, feature_stats) = head.features(&x, true)?;
             let (logits, stats) = head.logits(&x, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
@@ -222,13 +276,20 @@ pub fn linear_probe(
                 *rm = ((&*rm * 0.9)? + (mean * 0.1)?)?;
                 *rv = ((&*rv * 0.9)? + (var * 0.1)?)?;
             }
+            if let (Some((rm, rv)), Some((mean, var))) = (head.feature_bn.as_mut(), feature_stats) {
+                *rm = ((&*rm * 0.9)? + (mean * 0.1)?)?;
+                *rv = ((&*rv * 0.9)? + (var * 0.1)?)?;
+            }
         }
         epoch_loss.push(loss_sum / per_epoch as f64);
     }
     let eval = |x: &Tensor| -> Result<Tensor> {
         let parts = (0..x.dim(0)?)
             .step_by(4096)
-            .map(|s| Ok(head.logits(&x.narrow(0, s, 4096.min(x.dim(0)? - s))?, false)?.0))
+            .map(|s| {
+                let (x, _) = head.features(&x.narrow(0, s, 4096.min(x.dim(0)? - s))?, false)?;
+                Ok(head.logits(&x, false)?.0)
+            })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     };
@@ -266,8 +327,9 @@ mod tests {
     fn every_preset_separates_clean_clusters_and_noise_costs_accuracy() {
         let (x, y) = clusters(60, 5, 12, 0.3, 1);
         let (xt, yt) = clusters(20, 5, 12, 0.3, 2);
-        for cfg in [ProbeConfig::standard(), ProbeConfig::care(), ProbeConfig::moco()] {
+        for cfg in [ProbeConfig::standard(), ProbeConfig::care(), ProbeConfig::moco(), ProbeConfig::mae()] {
             let mut cfg = small(cfg);
+            cfg.warmup_epochs = cfg.warmup_epochs.min(2);
             if cfg.lr > 1.0 {
                 // MoCo's lr 30 is for unnormalised ResNet features; these are O(1).
                 cfg.lr = 1.0;
@@ -282,6 +344,27 @@ mod tests {
         assert!(r.top1 < 95.0 && r.top1 > 30.0, "{r:?}");
     }
 
+    /// The feature BN makes the probe blind to the features' scale (while the features' variance
+    /// is well above its epsilon); the plain head is not: at 1e-2 scale it barely moves in the
+    /// same epochs.
+    #[test]
+    fn mae_preset_standardises_the_features() {
+        let (x, y) = clusters(60, 5, 12, 1.5, 1);
+        let (xt, yt) = clusters(20, 5, 12, 1.5, 2);
+        let tiny = |t: &Tensor| (t * 1e-2).unwrap();
+        let mut cfg = small(ProbeConfig::mae());
+        cfg.warmup_epochs = 2;
+        let (a, b) = (
+            linear_probe(&x, &y, &xt, &yt, 5, &cfg).unwrap(),
+            linear_probe(&tiny(&x), &y, &tiny(&xt), &yt, 5, &cfg).unwrap(),
+        );
+        assert!(a.top1 > 60.0, "{a:?}");
+        assert!((a.top1 - b.top1).abs() <= 1.0, "feature scale changed the MAE probe: {} vs {}", a.top1, b.top1);
+        let plain = small(ProbeConfig::standard());
+        let c = linear_probe(&tiny(&x), &y, &tiny(&xt), &yt, 5, &plain).unwrap();
+        assert!(c.epoch_loss.last().unwrap() > a.epoch_loss.last().unwrap(), "{c:?} vs {a:?}");
+    }
+
     #[test]
     fn schedules_follow_the_presets() {
         let moco = ProbeConfig::moco();
@@ -289,6 +372,11 @@ mod tests {
         assert!((moco.lr_at(600, 10) - 3.0).abs() < 1e-9 && (moco.lr_at(800, 10) - 0.3).abs() < 1e-9);
         let care = ProbeConfig::care();
         assert!((care.lr_at(400, 10) - 0.1).abs() < 1e-12 && care.lr_at(0, 10) == 0.2);
+        // MAE: linear warm-up over 10 epochs, then the cosine over the other 80.
+        let mae = ProbeConfig::mae();
+        assert_eq!(mae.lr_at(0, 10), 0.0);
+        assert!((mae.lr_at(50, 10) - 0.05).abs() < 1e-12 && (mae.lr_at(100, 10) - 0.1).abs() < 1e-12);
+        assert!((mae.lr_at(500, 10) - 0.05).abs() < 1e-12, "{}", mae.lr_at(500, 10));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! ```text
 //! selfsup pretrain --config configs/byol_resnet18_fmnist.toml [--resume RUN_DIR]
 //! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N]
-//! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care] [--baselines]
+//! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care|mae] [--baselines]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
 //! selfsup report RUN_DIR [--font FILE]
 //! selfsup info [models|objectives|optimizers] [--size 224]
@@ -180,8 +180,9 @@ enum EvalCommand {
     Linear {
         #[command(flatten)]
         run: RunSubset,
-        /// Recipe: `standard` (cosine, lr 0.1), `moco` (lr 30, steps at 60/80) or `care`
-        /// (Linear + BatchNorm1d head, lr 0.2, cosine).
+        /// Recipe: `standard` (cosine, lr 0.1), `moco` (lr 30, steps at 60/80), `care`
+        /// (Linear + BatchNorm1d head, lr 0.2, cosine) or `mae` (BatchNorm1d without affine on
+        /// the features, then Linear; lr 0.1, 10 warm-up epochs, cosine).
         #[arg(long, default_value = "standard")]
         preset: String,
         /// Override the preset's number of epochs.
@@ -757,7 +758,8 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         "standard" => ProbeConfig::standard(),
         "moco" => ProbeConfig::moco(),
         "care" => ProbeConfig::care(),
-        other => anyhow::bail!("--preset {other:?}: expected standard, moco or care"),
+        "mae" => ProbeConfig::mae(),
+        other => anyhow::bail!("--preset {other:?}: expected standard, moco, care or mae"),
     };
     if let Some(e) = epochs {
         probe.epochs = e;
