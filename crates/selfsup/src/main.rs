@@ -185,7 +185,7 @@ enum EvalCommand {
         /// the features, then Linear; lr 0.1, 10 warm-up epochs, cosine).
         #[arg(long, default_value = "standard")]
         preset: String,
-        /// Override the preset's number of epochs.
+        /// Override the preset's number of epochs (a warm-up keeps its share of them).
         #[arg(long)]
         epochs: Option<usize>,
         /// Also probe the same network at random init and the raw pixels.
@@ -762,6 +762,8 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         other => anyhow::bail!("--preset {other:?}: expected standard, moco, care or mae"),
     };
     if let Some(e) = epochs {
+        // The warm-up keeps its share of the run (MAE's 10 of 90 epochs becomes 1 of 5).
+        probe.warmup_epochs = (probe.warmup_epochs * e + probe.epochs / 2) / probe.epochs.max(1);
         probe.epochs = e;
     }
     let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;

@@ -118,7 +118,7 @@ fn pretrain_resume_and_knn_end_to_end() {
     // The stripes are easy: raw pixels separate them well above chance (25 %).
     assert!(json["results"][1]["accuracy"][0]["top1"].as_f64().unwrap() > 50.0, "{json}");
 
-    for preset in ["standard", "care"] {
+    for preset in ["standard", "mae", "care"] {
         let args = ["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--baselines", "--epochs", "5"];
         let o = selfsup(&[&args[..], &["--preset", preset]].concat());
         assert!(o.status.success(), "{}", stderr(&o));
@@ -133,7 +133,7 @@ fn pretrain_resume_and_knn_end_to_end() {
         assert!(json["results"][1]["result"]["top1"].as_f64().unwrap() > 50.0, "{json}");
     }
     let o = selfsup(&["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--preset", "svm"]);
-    assert_fails_with(&o, &["--preset \"svm\"", "standard, moco or care"]);
+    assert_fails_with(&o, &["--preset \"svm\"", "standard, moco, care or mae"]);
 
     let args = ["eval", "finetune", "--checkpoint", out.to_str().unwrap(), "--preset", "fmnist"];
     let o = selfsup(
