@@ -110,6 +110,14 @@ impl ProbeConfig {
         Self { feature_bn: true, warmup_epochs: 10, ..Self::standard() }
     }
 
+    /// The same recipe over `epochs` epochs; a warm-up keeps its share of the run (MAE's 10 of 90
+    /// epochs becomes 1 of 5).
+    pub fn with_epochs(mut self, epochs: usize) -> Self {
+        self.warmup_epochs = (self.warmup_epochs * epochs + self.epochs / 2) / self.epochs.max(1);
+        self.epochs = epochs;
+        self
+    }
+
     /// The learning rate at iteration `it` of `per_epoch * epochs`.
     fn lr_at(&self, it: usize, per_epoch: usize) -> f64 {
         let warmup = per_epoch * self.warmup_epochs;
@@ -142,8 +150,16 @@ struct Head {
     b: Var,
     /// BN over the logits: weight, bias, running mean, running var.
     bn: Option<(Var, Var, Tensor, Tensor)>,
-    /// BN without affine over the features: running mean, running var.
-    feature_bn: Option<(Tensor, Tensor)>,
+    /// BN without affine over the features: running mean, running var, and the unit weight and
+    /// zero bias the BN op takes.
+    feature_bn: Option<(Tensor, Tensor, Tensor, Tensor)>,
+}
+
+/// PyTorch's BatchNorm running estimates (momentum 0.1) from one batch's statistics.
+fn update_running(rm: &mut Tensor, rv: &mut Tensor, mean: Tensor, var: Tensor) -> Result<()> {
+    *rm = ((&*rm * 0.9)? + (mean * 0.1)?)?;
+    *rv = ((&*rv * 0.9)? + (var * 0.1)?)?;
+    Ok(())
 }
 
 /// MAE's feature BatchNorm1d epsilon.
@@ -153,13 +169,12 @@ impl Head {
     /// The features through the feature BN (when there is one); in training also the batch's
     /// (mean, unbiased variance) for the running estimates.
     fn features(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let Some((rm, rv)) = &self.feature_bn else { return Ok((x.clone(), None)) };
-        let (ones, zeros) = (rm.ones_like()?, rm.zeros_like()?);
+        let Some((rm, rv, ones, zeros)) = &self.feature_bn else { return Ok((x.clone(), None)) };
         if train {
-            let (y, stats) = batch_norm_train(x, &ones, &zeros, FEATURE_BN_EPS, false)?;
+            let (y, stats) = batch_norm_train(x, ones, zeros, FEATURE_BN_EPS, false)?;
             Ok((y, Some((stats.mean, stats.var_unbiased))))
         } else {
-            Ok((batch_norm_eval(x, &ones, &zeros, rm, rv, FEATURE_BN_EPS)?, None))
+            Ok((batch_norm_eval(x, ones, zeros, rm, rv, FEATURE_BN_EPS)?, None))
         }
     }
 
@@ -229,7 +244,8 @@ pub fn linear_probe(
         feature_bn: None,
     };
     if cfg.feature_bn {
-        head.feature_bn = Some((Tensor::zeros(d, DType::F32, &dev)?, Tensor::ones(d, DType::F32, &dev)?));
+        let (zeros, ones) = (Tensor::zeros(d, DType::F32, &dev)?, Tensor::ones(d, DType::F32, &dev)?);
+        head.feature_bn = Some((zeros.clone(), ones.clone(), ones, zeros));
     }
     if cfg.bn_head {
         head.bn = Some((
@@ -272,13 +288,10 @@ pub fn linear_probe(
                 p.set(&(p.as_tensor() - (&*v * lr)?)?)?;
             }
             if let (Some((_, _, rm, rv)), Some((mean, var))) = (head.bn.as_mut(), stats) {
-                // PyTorch's BatchNorm1d running estimates, momentum 0.1.
-                *rm = ((&*rm * 0.9)? + (mean * 0.1)?)?;
-                *rv = ((&*rv * 0.9)? + (var * 0.1)?)?;
+                update_running(rm, rv, mean, var)?;
             }
-            if let (Some((rm, rv)), Some((mean, var))) = (head.feature_bn.as_mut(), feature_stats) {
-                *rm = ((&*rm * 0.9)? + (mean * 0.1)?)?;
-                *rv = ((&*rv * 0.9)? + (var * 0.1)?)?;
+            if let (Some((rm, rv, _, _)), Some((mean, var))) = (head.feature_bn.as_mut(), feature_stats) {
+                update_running(rm, rv, mean, var)?;
             }
         }
         epoch_loss.push(loss_sum / per_epoch as f64);
@@ -377,6 +390,9 @@ mod tests {
         assert_eq!(mae.lr_at(0, 10), 0.0);
         assert!((mae.lr_at(50, 10) - 0.05).abs() < 1e-12 && (mae.lr_at(100, 10) - 0.1).abs() < 1e-12);
         assert!((mae.lr_at(500, 10) - 0.05).abs() < 1e-12, "{}", mae.lr_at(500, 10));
+        // Fewer epochs keep the warm-up's share; presets without one stay without.
+        assert_eq!((mae.clone().with_epochs(5).warmup_epochs, mae.with_epochs(45).warmup_epochs), (1, 5));
+        assert_eq!(ProbeConfig::standard().with_epochs(5).warmup_epochs, 0);
     }
 
     #[test]

@@ -762,9 +762,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         other => anyhow::bail!("--preset {other:?}: expected standard, moco, care or mae"),
     };
     if let Some(e) = epochs {
-        // The warm-up keeps its share of the run (MAE's 10 of 90 epochs becomes 1 of 5).
-        probe.warmup_epochs = (probe.warmup_epochs * e + probe.epochs / 2) / probe.epochs.max(1);
-        probe.epochs = e;
+        probe = probe.with_epochs(e);
     }
     let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
     let mut rows = Vec::new();
