@@ -132,6 +132,11 @@ def build(case):
         q, k_, v = rnd(G, lq, h, d), rnd(G, lk, h, d), rnd(G, lk, h, d)
         return [q, k_, v], lambda t: F.scaled_dot_product_attention(
             t[0].transpose(1, 2), t[1].transpose(1, 2), t[2].transpose(1, 2)).transpose(1, 2)
+    if k == "info_nce":
+        pos, q = rnd(p["n"], 1), rnd(p["n"], p["d"])
+        bank = rnd(p["k"], p["d"], grad=False)
+        target = torch.zeros(p["n"], dtype=torch.long)
+        return [pos, q], lambda t: F.cross_entropy(torch.cat([t[0], t[1] @ bank.T], 1) / p["t"], target)
     if k == "matmul":
         n = p["n"]
         return [rnd(n, n, grad=False), rnd(n, n, grad=False)], lambda t: torch.mm(t[0], t[1])

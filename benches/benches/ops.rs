@@ -1,8 +1,8 @@
 //! The ops of selfsup-ops at the shapes of real training steps (batch 32, 64 px and 224 px):
 //! ConvNeXt V2-atto (depthwise 7x7, sparse depthwise at mask 0.6, LayerNorm, GRN), CvT-13
 //! (depthwise 3x3 projections, attention with strided keys), ViT-Tiny / LoMaR (windowed
-//! attention with iRPE keys) and ResNet (dense convs, the stem), plus a 1024^3 matmul as the
-//! machine's GEMM ceiling.
+//! attention with iRPE keys), ResNet (dense convs, the stem) and DenseCL (InfoNCE against a
+//! queue), plus a 1024^3 matmul as the machine's GEMM ceiling.
 //!
 //! Each group is one case in one mode (`fwd` or `fwd_bwd`); `fast` is selfsup's op and
 //! `reference` is candle's own composition (left out where it takes tens of seconds per
@@ -20,6 +20,7 @@ use selfsup_ops::attention::{
     irpe_product_buckets, window_attention, window_attention_qkv, window_attention_reference, ContextualBias,
     PositionBias,
 };
+use selfsup_ops::contrast::{info_nce, info_nce_reference};
 use selfsup_ops::dwconv::{depthwise_conv2d_nhwc, depthwise_conv2d_nhwc_reference};
 use selfsup_ops::grn::{grn, grn_reference};
 use selfsup_ops::layer_norm::{layer_norm, layer_norm_reference};
@@ -312,6 +313,26 @@ fn attention(bench: &mut Bench) {
     }
 }
 
+/// DenseCL's dense loss at a training step's shape (batch 32 at 64 px: 2x2 positions, 128
+/// queries of 128 dims) against the paper's queue of 65,536 keys: the logits `q . queue` and
+/// InfoNCE at T = 0.2, forward and backward. The queue is a constant (detached), as in training.
+/// FLOPs are the logits' GEMMs: the forward and the query's gradient (the reference also
+/// computes the queue's, which training throws away).
+fn contrast(bench: &mut Bench) {
+    let (n, d, k) = (128, 128, 65_536);
+    let inputs = || vec![randn(&[n, 1], 1), randn(&[n, d], 2), randn(&[k, d], 3)];
+    bench.case(
+        "info_nce_densecl_queue",
+        "info_nce",
+        json!({ "n": n, "d": d, "k": k, "t": 0.2 }),
+        2.0 * (n * d * k) as f64 * 2.0 / 3.0,
+        Mode::FwdBwd,
+        &inputs,
+        Box::new(|t| info_nce(&t[0], &selfsup_ops::linear::linear(&t[1], &t[2].detach(), None)?, 0.2)),
+        Some(Box::new(|t| info_nce_reference(&t[0], &t[1].matmul(&t[2].detach().t()?)?, 0.2))),
+    );
+}
+
 fn matmul(bench: &mut Bench) {
     let n = 1024;
     let inputs = || vec![randn(&[n, n], 1), randn(&[n, n], 2)];
@@ -337,6 +358,7 @@ fn main() {
     sparse(&mut bench);
     norms(&mut bench);
     attention(&mut bench);
+    contrast(&mut bench);
     let cases = std::mem::take(&mut bench.cases);
     // criterion writes under <workspace>/target/criterion; the bench runs in benches/.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion");

@@ -229,12 +229,12 @@ impl Objective for DenseCl {
         };
         let (b, s, d) = q_grid.dims3()?;
         let pos = (&q_global * k)?.sum_keepdim(1)?;
-        let neg = q_global.matmul(&self.queue.keys.t()?)?;
+        let neg = self.queue.logits(&q_global)?;
         let single = info_nce(&pos, &neg, self.cfg.temperature)?;
         let matched = matched_keys(&q_b, k_b, k_grid)?;
         let pos_dense = (&q_grid * matched)?.sum(2)?.reshape((b * s, 1))?;
         let q_flat = q_grid.reshape((b * s, d))?;
-        let neg_dense = q_flat.matmul(&self.queue2.keys.t()?)?;
+        let neg_dense = self.queue2.logits(&q_flat)?;
         let dense = info_nce(&pos_dense, &neg_dense, self.cfg.temperature)?;
         let lambda = self.cfg.loss_lambda;
         let (single, dense) = ((single * (1.0 - lambda))?, (dense * lambda)?);

@@ -137,6 +137,12 @@ impl Queue {
         Ok(Self { keys: l2_normalize(&Tensor::from_vec(v, (size, dim), device)?)?, ptr: 0 })
     }
 
+    /// The logits of queries `q` (n, dim) against every key, (n, size). The queue is a constant
+    /// of the step: it gets no gradient (candle's `matmul` would compute one).
+    pub fn logits(&self, q: &Tensor) -> Result<Tensor> {
+        selfsup_ops::linear::linear(q, &self.keys, None)
+    }
+
     /// Replaces the oldest rows by `keys` (b, dim), wrapping at the end. The rows are written
     /// in place (`slice_set`): rebuilding the queue through `slice_scatter0` copied all of it
     /// (32 MB for DenseCL's two 65,536 x 128 queues) on every step. Call it only once the
@@ -187,13 +193,8 @@ impl Queue {
 }
 
 /// InfoNCE as the reference's `CrossEntropyLoss` on `[pos, neg] / t` with label 0, averaged
-/// over rows. pos: (n, 1), neg: (n, k).
-pub fn info_nce(pos: &Tensor, neg: &Tensor, t: f64) -> Result<Tensor> {
-    let logits = (Tensor::cat(&[pos, neg], 1)? / t)?;
-    let max = logits.max_keepdim(1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
-    (lse - logits.narrow(1, 0, 1)?)?.mean_all()
-}
+/// over rows (pos: (n, 1), neg: (n, k)); fused in selfsup-ops.
+pub use selfsup_ops::contrast::info_nce;
 
 /// Runs `f` on the batch `xs` permuted by a permutation keyed by `key`, in `splits` chunks (each
 /// a separate forward, so BatchNorm normalises per chunk), and returns `f`'s outputs (each with
@@ -282,7 +283,7 @@ impl Objective for MocoV2 {
         .remove(0)
         .detach();
         let pos = (&q * &k)?.sum_keepdim(1)?;
-        let neg = q.matmul(&self.queue.keys.t()?)?;
+        let neg = self.queue.logits(&q)?;
         let total = info_nce(&pos, &neg, self.cfg.temperature)?;
         *self.pending.lock().expect("pending keys lock") = Some(k);
         Ok(Losses { total, parts: vec![] })
@@ -319,19 +320,6 @@ impl Objective for MocoV2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn info_nce_matches_cross_entropy_by_hand() {
-        let pos = Tensor::new(&[[0.5f32], [0.1]], &Device::Cpu).unwrap();
-        let neg = Tensor::new(&[[0.2f32, -0.3], [0.4, 0.0]], &Device::Cpu).unwrap();
-        let got = info_nce(&pos, &neg, 0.2).unwrap().to_scalar::<f32>().unwrap();
-        let ce = |row: [f32; 3]| {
-            let z: f32 = row.iter().map(|v| (v / 0.2).exp()).sum();
-            z.ln() - row[0] / 0.2
-        };
-        let want = (ce([0.5, 0.2, -0.3]) + ce([0.1, 0.4, 0.0])) / 2.0;
-        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-    }
 
     #[test]
     fn queue_is_fifo_and_wraps() {

@@ -148,8 +148,9 @@ pub(crate) fn sum_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
 
 /// Implements `CustomOp2` (x, w) and `CustomOp3` (x, w, bias) for a conv-like op type with
 /// `fn forward(&self, x: &[f32], x_layout: &Layout, w: &[f32], bias: Option<&[f32]>)` and
-/// `fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Vec<Tensor>`
-/// (gradients of x, w and, with a bias, the bias), so each op is written once for both forms.
+/// `fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Vec<Option<Tensor>>`
+/// (gradients of x, w and, with a bias, the bias; `None` for one not needed), so each op is
+/// written once for both forms.
 macro_rules! impl_optional_bias_op {
     ($t:ty, $name:literal) => {
         impl candle_core::CustomOp2 for $t {
@@ -176,7 +177,7 @@ macro_rules! impl_optional_bias_op {
                 grad: &candle_core::Tensor,
             ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
                 let mut g = self.backward(x, w, grad, false)?.into_iter();
-                Ok((g.next(), g.next()))
+                Ok((g.next().flatten(), g.next().flatten()))
             }
         }
 
@@ -212,7 +213,7 @@ macro_rules! impl_optional_bias_op {
                 Option<candle_core::Tensor>,
             )> {
                 let mut g = self.backward(x, w, grad, true)?.into_iter();
-                Ok((g.next(), g.next(), g.next()))
+                Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
             }
         }
     };
@@ -301,6 +302,34 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// The largest value of `row` (-inf when empty; NaNs are skipped), in eight lanes.
+    pub(crate) fn row_max(row: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 8];
+        let mut chunks = row.chunks_exact(8);
+        for ch in &mut chunks {
+            for l in 0..8 {
+                acc[l] = if ch[l] > acc[l] { ch[l] } else { acc[l] };
+            }
+        }
+        chunks.remainder().iter().chain(&acc).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+}
+
+multiversion! {
+    /// `sum_i exp((row[i] - m) * s)`, reading `row` only (eight lanes).
+    pub(crate) fn exp_scaled_sum(row: &[f32], m: f32, s: f32) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for ch in &mut chunks {
+            for l in 0..8 {
+                acc[l] += exp_fast((ch[l] - m) * s);
+            }
+        }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| exp_fast((v - m) * s)).sum::<f32>()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,5 +349,18 @@ mod tests {
         let s = exp_shifted_sum(&mut row, 10.0);
         let want: f32 = (1..=10).map(|i| ((i - 10) as f32).exp()).sum();
         assert!((s - want).abs() < 1e-5 && (row[9] - 1.0).abs() < 1e-7, "{s} vs {want}");
+    }
+
+    #[test]
+    fn row_max_and_exp_scaled_sum_match_the_scalar_loops() {
+        // 19 values: two full lanes of eight and a tail, the maximum in the tail.
+        let row: Vec<f32> = (0..19).map(|i| ((i * 7) % 19) as f32 * 0.5 - 3.0).collect();
+        let want_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(row_max(&row), want_max);
+        assert_eq!(row_max(&row[..16]), row[..16].iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        assert_eq!(row_max(&[]), f32::NEG_INFINITY);
+        let want: f32 = row.iter().map(|v| ((v - 1.0) * 5.0).exp()).sum();
+        let got = exp_scaled_sum(&row, 1.0, 5.0);
+        assert!(((got - want) / want).abs() < 1e-6, "{got} vs {want}");
     }
 }

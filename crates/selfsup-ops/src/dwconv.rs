@@ -439,7 +439,7 @@ impl DwConv {
     }
 
     /// Gradients for x, w and (when `with_bias`) the bias.
-    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Tensor>> {
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Option<Tensor>>> {
         let g = self.0;
         let grad = grad.contiguous()?;
         let dx = grad.apply_op2_no_bwd(w, &DwInputGrad { g, x_shape: x.shape().clone() })?;
@@ -451,7 +451,7 @@ impl DwConv {
         if with_bias {
             out.push(dwb.narrow(0, kh * kw * co, co)?);
         }
-        Ok(out)
+        Ok(out.into_iter().map(Some).collect())
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! - [`attention`]: fused attention inside windows (bias, Swin masks, iRPE contextual keys)
 //!   with a flash-style backward, plus relative-position and bucket helpers.
+//! - [`contrast`]: InfoNCE over a positive and a queue of negatives (MoCo v2, DenseCL), fused.
 //! - [`conv`]: channels-last 2-D convolution as im2col + GEMM, with a backward that stays
 //!   GEMM-bound (candle's CPU conv backward is a direct loop, see CANDLE.md 1.2).
 //! - [`dwconv`]: depthwise convolution (channel multiplier, any stride/padding), channels-last.
@@ -26,6 +27,7 @@
 //!   every parameter of a module receives a gradient.
 
 pub mod attention;
+pub mod contrast;
 pub mod conv;
 mod cpu;
 pub mod dwconv;

@@ -11,7 +11,7 @@
 //!
 //! The backward is the textbook one (`dx = dy W`, `dW = dy^T x` through candle's matmul, so
 //! exactly candle's; `db = sum_rows dy` as a parallel reduction, equal to candle's up to the
-//! order of the float sums). Other devices and dtypes take candle's
+//! order of the float sums), and it skips the product of an operand that is not in the graph. Other devices and dtypes take candle's
 //! `Linear` (the reference); a test holds the two together in values and gradients.
 
 use candle_core::{CpuStorage, Layout, Module, Result, Shape, Tensor};
@@ -74,18 +74,22 @@ impl LinearOp {
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
-    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Tensor>> {
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Option<Tensor>>> {
+        // An operand outside the graph (a MoCo queue of keys, the input images) gets no
+        // gradient: candle's matmul backward computes both products regardless, and the queue's
+        // was a third of the GEMM work of a DenseCL loss (docs/benchmarks.md).
+        let (need_dx, need_dw) = (x.track_op(), w.track_op());
         // Detached: a gradient that kept `x`'s graph would keep this step's whole forward alive
         // for as long as the optimizer holds the gradient (measured: +150 MB per MoCo step).
         let (x, w) = (x.detach(), w.detach());
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
         let g = grad.contiguous()?.reshape((m, n))?;
-        let dx = g.matmul(&w)?.reshape(x.shape())?;
-        let dw = g.t()?.matmul(&x.reshape((m, k))?)?;
+        let dx = if need_dx { Some(g.matmul(&w)?.reshape(x.shape())?) } else { None };
+        let dw = if need_dw { Some(g.t()?.matmul(&x.reshape((m, k))?)?) } else { None };
         let mut out = vec![dx, dw];
         if with_bias {
-            out.push(sum_rows(&g, n)?);
+            out.push(Some(sum_rows(&g, n)?));
         }
         Ok(out)
     }
@@ -215,6 +219,26 @@ mod tests {
         let loss = linear(&x, &w, Some(&b)).unwrap().sqr().unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         assert!(!grads.get(&w).unwrap().track_op() && !grads.get(&b).unwrap().track_op());
+    }
+
+    /// A constant operand (a queue of keys as the weight, input images as x) gets no gradient,
+    /// and the other operand's gradient is the one candle's matmul gives.
+    #[test]
+    fn constant_operands_get_no_gradient() {
+        let q = candle_core::Var::from_tensor(&randn(&[6, 8], 1)).unwrap();
+        let bank = randn(&[50, 8], 2);
+        let probe = randn(&[6, 50], 3);
+        let grads = (linear(&q, &bank, None).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&bank).is_none());
+        let want = probe.matmul(&bank).unwrap();
+        assert!(
+            (grads.get(&q).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+                < 1e-5
+        );
+        let w = candle_core::Var::from_tensor(&randn(&[5, 8], 4)).unwrap();
+        let x = randn(&[6, 8], 5);
+        let grads = linear(&x, &w, None).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none() && grads.get(&w).is_some());
     }
 
     #[test]

@@ -281,7 +281,7 @@ impl SparseDw {
         Ok((CpuStorage::F32(sparse_conv(x, &taps_major(w, c, taps, false), bias, &self.0, c)), Shape::from((n, c))))
     }
 
-    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Tensor>> {
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<Vec<Option<Tensor>>> {
         let grad = grad.contiguous()?;
         // dx = the same conv of dy with the flipped kernel (the neighbour relation is symmetric).
         let dx = grad.apply_op2_no_bwd(w, &SparseDwInputGrad(self.0.clone()))?;
@@ -292,7 +292,7 @@ impl SparseDw {
         if with_bias {
             out.push(dwb.narrow(0, k * k * c, c)?);
         }
-        Ok(out)
+        Ok(out.into_iter().map(Some).collect())
     }
 }
 
