@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
-const DEMO_CONFIG: &str = "configs/byol_resnet18_fmnist.toml";
+const DEMO_CONFIG: &str = "configs/byol_resnet18_fmnist_demo.toml";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

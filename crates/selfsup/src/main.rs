@@ -1,7 +1,7 @@
 //! `selfsup`: pretrain backbones without labels, then measure the features.
 //!
 //! ```text
-//! selfsup pretrain --config configs/byol_resnet18_fmnist.toml [--resume RUN_DIR]
+//! selfsup pretrain --config configs/byol_resnet18_fmnist_demo.toml [--resume RUN_DIR]
 //! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N]
 //! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care|mae] [--baselines]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
