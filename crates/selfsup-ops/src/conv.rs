@@ -264,9 +264,19 @@ impl CustomOp2 for Conv {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (g, tiling) = (self.g, self.tiling);
-        let dx = grad.apply_op2_no_bwd(w, &ConvInputGrad { g, tiling, x_shape: x.shape().clone() })?;
-        let dw = grad.apply_op2_no_bwd(x, &ConvWeightGrad { g, tiling, w_shape: w.shape().clone() })?;
-        Ok((Some(dx), Some(dw)))
+        // An operand outside the graph gets no gradient: the stem's input is the images, and
+        // its dx (a GEMM and a col2im pass over the full-resolution input) would be thrown away.
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &ConvInputGrad { g, tiling, x_shape: x.shape().clone() })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(grad.apply_op2_no_bwd(x, &ConvWeightGrad { g, tiling, w_shape: w.shape().clone() })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -446,7 +456,7 @@ pub fn conv2d_nhwc_reference(xs: &Tensor, weight: &Tensor, stride: usize, paddin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_abs_diff, randn as rand};
+    use crate::testing::{assert_close, max_abs_diff, randn as rand};
     use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -588,6 +598,21 @@ mod tests {
                 assert!(on(threads) == one, "case {i}: {threads} threads differ from 1");
             }
         }
+    }
+
+    /// A constant input (the images into the stem) gets no gradient, and the weight's gradient
+    /// is the reference's.
+    #[test]
+    fn a_constant_input_gets_no_gradient() {
+        let x = rand(&[2, 7, 7, 3], 21);
+        let wt = Var::from_tensor(&rand(&[4, 3, 3, 3], 22)).unwrap();
+        let probe = rand(&[2, 4, 4, 4], 23);
+        let grads = |f: fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>| {
+            (f(&x, &wt, 2, 1).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap()
+        };
+        let (g, g_ref) = (grads(conv2d_nhwc), grads(conv2d_nhwc_reference));
+        assert!(g.get(&x).is_none());
+        assert_close(g.get(&wt).unwrap(), g_ref.get(&wt).unwrap(), 1e-4, 1e-4, "weight gradient");
     }
 
     #[test]
