@@ -353,11 +353,12 @@ mod tests {
 
     #[test]
     fn row_max_and_exp_scaled_sum_match_the_scalar_loops() {
-        // 19 values: two full lanes of eight and a tail, the maximum in the tail.
-        let row: Vec<f32> = (0..19).map(|i| ((i * 7) % 19) as f32 * 0.5 - 3.0).collect();
-        let want_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        assert_eq!(row_max(&row), want_max);
-        assert_eq!(row_max(&row[..16]), row[..16].iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        // 19 values: two full lanes of eight and a tail of three. The whole row's maximum is in
+        // the tail (index 17); the first 16 values' is in the lanes (index 8).
+        let mut row: Vec<f32> = (0..19).map(|i| ((i * 7) % 19) as f32 * 0.5 - 3.0).collect();
+        row[17] = 7.5;
+        assert_eq!(row_max(&row), 7.5);
+        assert_eq!(row_max(&row[..16]), 6.0);
         assert_eq!(row_max(&[]), f32::NEG_INFINITY);
         let want: f32 = row.iter().map(|v| ((v - 1.0) * 5.0).exp()).sum();
         let got = exp_scaled_sum(&row, 1.0, 5.0);
