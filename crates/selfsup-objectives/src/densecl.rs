@@ -11,8 +11,12 @@
 //! - `L = (1 - lambda) * L_single + lambda * L_dense`, both InfoNCE at `T = 0.2`, `lambda = 0.5`;
 //!   the dense term averages over the N * S^2 query positions.
 //!
-//! Choices: the neck's init follows `DenseCLNeck.init_weights('normal')`: Linear N(0, 0.01),
-//! Conv Kaiming-normal (fan-out, ReLU), biases 0. Names: `projector.{0,2}` (global, Linear)
+//! Choices: the neck's init is the reference's: `DenseCL.init_weights` calls the neck's
+//! `init_weights(init_linear='kaiming')`, so the Linear layers are Kaiming-normal (fan-in, ReLU:
+//! N(0, 2 / fan_in)) with zero biases, and `_init_weights` leaves the 1x1 convs at PyTorch's
+//! default, U(+-1 / sqrt(fan_in)) for weights and biases. (Until 2026-11-24 this file used the
+//! `'normal'` branch, Linear N(0, 0.01): with it the global term never learned on Fashion-MNIST,
+//! its InfoNCE rising to log(1 + K) while the dense term fell, see docs/benchmarks.md.) Names: `projector.{0,2}` (global, Linear)
 //! and `dense_projector.{0,2}` (1x1 conv weights `(out, in, 1, 1)`), the reference's `neck.mlp`
 //! and `neck.mlp2`. Shuffle-BN on one device as in `moco.rs`. The warm-up hook (lambda = 0 for
 //! 1000 iterations) is off in every shipped config, so it is not implemented.
@@ -108,18 +112,19 @@ struct NeckOut {
 
 impl Neck {
     fn new(c: usize, hidden: usize, dim: usize, vb: Vb) -> Result<Self> {
+        // mmcv `kaiming_init(mode='fan_in', nonlinearity='relu')`, bias 0.
         let lin = |i: usize, o: usize, vb: Vb| -> Result<(Tensor, Tensor)> {
+            let stdev = (2.0 / i as f64).sqrt();
             Ok((
-                vb.params.get_with_hints((o, i), "weight", Init::Randn { mean: 0.0, stdev: 0.01 })?,
+                vb.params.get_with_hints((o, i), "weight", Init::Randn { mean: 0.0, stdev })?,
                 vb.params.get_with_hints(o, "bias", Init::Const(0.0))?,
             ))
         };
+        // `nn.Conv2d`'s own reset_parameters: kaiming_uniform(a = sqrt(5)) = U(+-1 / sqrt(fan_in)).
         let conv = |i: usize, o: usize, vb: Vb| -> Result<(Tensor, Tensor)> {
-            let std = (2.0 / o as f64).sqrt();
-            Ok((
-                vb.params.get_with_hints((o, i, 1, 1), "weight", Init::Randn { mean: 0.0, stdev: std })?,
-                vb.params.get_with_hints(o, "bias", Init::Const(0.0))?,
-            ))
+            let bound = 1.0 / (i as f64).sqrt();
+            let init = Init::Uniform { lo: -bound, up: bound };
+            Ok((vb.params.get_with_hints((o, i, 1, 1), "weight", init)?, vb.params.get_with_hints(o, "bias", init)?))
         };
         let (g, d) = (vb.pp("projector"), vb.pp("dense_projector"));
         Ok(Self {
@@ -292,6 +297,36 @@ mod tests {
         let m2 =
             matched_keys(&two(&q_b), &two(&k_b), &k_grid2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(m2, [30.0, 10.0, 20.0, 130.0, 110.0, 120.0]);
+    }
+
+    /// The neck starts as the reference's does after `init_weights(init_linear='kaiming')`:
+    /// Linear N(0, 2 / fan_in) with zero biases, 1x1 convs at PyTorch's default U(+-1 / sqrt(fan_in)).
+    #[test]
+    fn neck_init_is_the_references_kaiming_branch() {
+        let model = ModelConfig { widths: Some(vec![4, 8, 8, 64]), ..crate::tests::tiny_resnet() };
+        let cfg = Config { proj_hidden: Some(128), proj_dim: 64, queue_size: 16, ..Config::default() };
+        let dcl = DenseCl::new(&cfg, &model, &Vars::new(3), &Device::Cpu, 3).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let std = |v: &[f32]| {
+            let m = v.iter().sum::<f32>() / v.len() as f32;
+            (v.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / v.len() as f32).sqrt()
+        };
+        let max_abs = |v: &[f32]| v.iter().fold(0f32, |a, x| a.max(x.abs()));
+        for ((w, b), fan_in) in [(&dcl.neck.fc1, 64f32), (&dcl.neck.fc2, 128.)] {
+            let want = (2.0 / fan_in).sqrt();
+            let got = std(&values(w));
+            assert!((got / want - 1.0).abs() < 0.05, "Linear weight std {got}, want {want}");
+            assert!(values(b).iter().all(|v| *v == 0.0), "Linear bias is not zero");
+        }
+        for ((w, b), fan_in) in [(&dcl.neck.conv1, 64f32), (&dcl.neck.conv2, 128.)] {
+            let bound = 1.0 / fan_in.sqrt();
+            for (what, v) in [("weight", values(w)), ("bias", values(b))] {
+                assert!(max_abs(&v) <= bound, "conv {what} beyond +-{bound}");
+                assert!(max_abs(&v) > 0.8 * bound, "conv {what} does not fill +-{bound}");
+            }
+            let got = std(&values(w));
+            assert!((got / (bound / 3f32.sqrt()) - 1.0).abs() < 0.05, "conv weight std {got}");
+        }
     }
 
     /// METHODS.md 3 at small scale: N * S^2 dense rows; every online parameter gets a gradient,
