@@ -28,7 +28,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{f32_slice, mm_par};
+use crate::cpu::{alloc_uninit, f32_slice, mm_par};
 
 /// Kernel size, stride and zero padding of a 2-D convolution (the same on both axes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,18 +114,23 @@ fn im2col_block(d: &Dims, x: &[f32], first: usize, rows: usize, cols: &mut [f32]
         let pos = first + r;
         let (bi, oy, ox) = (pos / (d.ho * d.wo), (pos / d.wo) % d.ho, pos % d.wo);
         let row = &mut cols[r * k..(r + 1) * k];
+        // The taps of one kernel row read kw consecutive input columns, which channels-last
+        // stores as one span of kw * c values, laid out as the (kx, c) part of the im2col row:
+        // one copy per kernel row (not one per tap), zeros for the columns outside the input.
+        let ix0 = src(ox, 0, &g);
+        let (lo, hi) = ((-ix0).clamp(0, g.kw as isize) as usize, (d.w as isize - ix0).clamp(0, g.kw as isize) as usize);
         for ky in 0..g.kh {
             let iy = src(oy, ky, &g);
-            for kx in 0..g.kw {
-                let ix = src(ox, kx, &g);
-                let dst = &mut row[(ky * g.kw + kx) * c..][..c];
-                if iy < 0 || iy >= d.h as isize || ix < 0 || ix >= d.w as isize {
-                    dst.fill(0.0);
-                } else {
-                    let s0 = ((bi * d.h + iy as usize) * d.w + ix as usize) * c;
-                    dst.copy_from_slice(&x[s0..s0 + c]);
-                }
+            let dst = &mut row[ky * g.kw * c..][..g.kw * c];
+            if iy < 0 || iy >= d.h as isize || lo >= hi {
+                dst.fill(0.0);
+                continue;
             }
+            let s0 = ((bi * d.h + iy as usize) * d.w) as isize + ix0 + lo as isize;
+            let s0 = s0 as usize * c;
+            dst[..lo * c].fill(0.0);
+            dst[lo * c..hi * c].copy_from_slice(&x[s0..s0 + (hi - lo) * c]);
+            dst[hi * c..].fill(0.0);
         }
     }
 }
@@ -148,19 +153,21 @@ fn col2im_block(d: &Dims, dcols: &[f32], first: usize, rows: usize, dx: &mut [f3
         let (bi, oy, ox) = (pos / (d.ho * d.wo), (pos / d.wo) % d.ho, pos % d.wo);
         let dx_img = &mut dx[bi * d.h * d.w * c..][..d.h * d.w * c];
         let row = &dcols[r * k..(r + 1) * k];
+        // One span per kernel row, as in `im2col_block`.
+        let ix0 = src(ox, 0, &g);
+        let (lo, hi) = ((-ix0).clamp(0, g.kw as isize) as usize, (d.w as isize - ix0).clamp(0, g.kw as isize) as usize);
+        if lo >= hi {
+            continue;
+        }
         for ky in 0..g.kh {
             let iy = src(oy, ky, &g);
             if iy < 0 || iy >= d.h as isize {
                 continue;
             }
-            for kx in 0..g.kw {
-                let ix = src(ox, kx, &g);
-                if ix < 0 || ix >= d.w as isize {
-                    continue;
-                }
-                let dst = &mut dx_img[(iy as usize * d.w + ix as usize) * c..][..c];
-                dst.iter_mut().zip(&row[(ky * g.kw + kx) * c..][..c]).for_each(|(a, v)| *a += v);
-            }
+            let s0 = (iy as usize * d.w) as isize + ix0 + lo as isize;
+            let dst = &mut dx_img[s0 as usize * c..][..(hi - lo) * c];
+            let taps = &row[(ky * g.kw + lo) * c..][..(hi - lo) * c];
+            dst.iter_mut().zip(taps).for_each(|(a, v)| *a += v);
         }
     }
 }
@@ -170,7 +177,8 @@ fn col2im_block(d: &Dims, dcols: &[f32], first: usize, rows: usize, dx: &mut [f3
 /// a ResNet-18 step transposes its 11 M weights about ten times.
 fn weight_rows(w: &[f32], d: &Dims) -> Vec<f32> {
     let (taps, ci, k) = (d.g.kh * d.g.kw, d.ci, d.k());
-    let mut out = vec![0f32; w.len()];
+    // SAFETY: the loops below write every element (a permutation of w).
+    let mut out = unsafe { alloc_uninit(w.len()) };
     out.par_chunks_mut(k).zip(w.par_chunks(k)).with_min_len(8).for_each(|(o, src)| {
         for (c, s) in src.chunks_exact(taps).enumerate() {
             for (t, &v) in s.iter().enumerate() {
@@ -184,7 +192,8 @@ fn weight_rows(w: &[f32], d: &Dims) -> Vec<f32> {
 /// (c_out, K) ordered (ky, kx, c_in) -> (c_out, c_in, kh, kw).
 fn weight_from_rows(rows: &[f32], d: &Dims) -> Vec<f32> {
     let (taps, ci, k) = (d.g.kh * d.g.kw, d.ci, d.k());
-    let mut out = vec![0f32; rows.len()];
+    // SAFETY: the loops below write every element (a permutation of rows).
+    let mut out = unsafe { alloc_uninit(rows.len()) };
     out.par_chunks_mut(k).zip(rows.par_chunks(k)).with_min_len(8).for_each(|(o, src)| {
         for (c, dst) in o.chunks_exact_mut(taps).enumerate() {
             for (t, v) in dst.iter_mut().enumerate() {
@@ -221,7 +230,9 @@ impl CustomOp2 for Conv {
         let wr = weight_rows(w, &d);
         let n = d.b * d.ho * d.wo;
         let (k, blk) = (d.k(), d.block(n, self.tiling));
-        let mut out = vec![0f32; n * d.co];
+        // SAFETY (this and the scratch `cols` below): each block's GEMM writes all of its rows
+        // of `out` without reading them, and reads only the rows x K of `cols` that im2col wrote.
+        let mut out = unsafe { alloc_uninit(n * d.co) };
         // o (rows x co) = cols (rows x K) . wr^T (K x co)
         let block = |bi: usize, o: &mut [f32], cols: &mut [f32], parallel: bool| {
             let rows = o.len() / d.co;
@@ -251,12 +262,12 @@ impl CustomOp2 for Conv {
             };
         };
         if n.div_ceil(blk) < rayon::current_num_threads() {
-            let mut cols = vec![0f32; blk * k];
+            let mut cols = unsafe { alloc_uninit(blk * k) };
             out.chunks_mut(blk * d.co).enumerate().for_each(|(bi, o)| block(bi, o, &mut cols, true));
         } else {
             out.par_chunks_mut(blk * d.co)
                 .enumerate()
-                .for_each_init(|| vec![0f32; blk * k], |cols, (bi, o)| block(bi, o, cols, false));
+                .for_each_init(|| unsafe { alloc_uninit(blk * k) }, |cols, (bi, o)| block(bi, o, cols, false));
         }
         Ok((CpuStorage::F32(out), Shape::from((d.b, d.ho, d.wo, d.co))))
     }
@@ -334,12 +345,13 @@ impl CustomOp2 for ConvInputGrad {
             }
         };
         if d.b.div_ceil(imgs) < rayon::current_num_threads() {
-            let mut dcols = vec![0f32; blk * k];
+            // SAFETY (and below): the GEMM writes the rows x K of `dcols` that col2im reads.
+            let mut dcols = unsafe { alloc_uninit(blk * k) };
             dx.chunks_mut(imgs * img_len).enumerate().for_each(|(gi, dxg)| group(gi, dxg, &mut dcols, true));
         } else {
             dx.par_chunks_mut(imgs * img_len)
                 .enumerate()
-                .for_each_init(|| vec![0f32; blk * k], |dcols, (gi, dxg)| group(gi, dxg, dcols, false));
+                .for_each_init(|| unsafe { alloc_uninit(blk * k) }, |dcols, (gi, dxg)| group(gi, dxg, dcols, false));
         }
         Ok((CpuStorage::F32(dx), self.x_shape.clone()))
     }
@@ -393,14 +405,15 @@ impl CustomOp2 for ConvWeightGrad {
             };
         };
         let acc = if blocks <= DW_SEQUENTIAL_BLOCKS {
-            let (mut acc, mut cols) = (vec![0f32; d.co * k], vec![0f32; blk * k]);
+            // SAFETY (and below): im2col writes the rows x K of `cols` that the GEMM reads.
+            let (mut acc, mut cols) = (vec![0f32; d.co * k], unsafe { alloc_uninit(blk * k) });
             (0..blocks).for_each(|bi| block(bi, &mut cols, &mut acc, true));
             acc
         } else {
             crate::cpu::par_accumulate_with(
                 blocks,
                 d.co * k,
-                || vec![0f32; blk * k],
+                || unsafe { alloc_uninit(blk * k) },
                 |bi, cols, acc| block(bi, cols, acc, false),
             )
         };
@@ -473,6 +486,9 @@ mod tests {
             (2, 5, 7, 3, 2, 1, 1, 0),
             (2, 11, 10, 1, 6, 7, 2, 3),
             (1, 4, 4, 2, 2, 3, 1, 0),
+            // Kernel rows cut on both sides: a 3x3 over one pixel, a 5x5 over a 3x2 map.
+            (2, 1, 1, 3, 2, 3, 1, 1),
+            (1, 3, 2, 2, 3, 5, 1, 2),
         ];
         for (i, &(b, h, w, ci, co, k, s, p)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&rand(&[b, h, w, ci], i as u64)).unwrap();

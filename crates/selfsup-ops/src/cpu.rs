@@ -48,6 +48,28 @@ pub(crate) fn on_cpu_f32(
     f(&xs.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?.to_dtype(dtype)?.to_device(&device)
 }
 
+/// A buffer of `n` f32 that the caller fills completely before reading: an output or scratch
+/// that a GEMM without accumulation, an im2col or an element-wise kernel overwrites. A zeroed
+/// buffer costs a memset the size of the tensor (5 % of a ResNet-18 training step on the CPU,
+/// most of it in per-task im2col scratch), which such a kernel then overwrites. candle's own CPU
+/// backend allocates its outputs the same way (`alloc_uninit`).
+///
+/// In this crate's unit tests the buffer is NaN instead, so a kernel that leaves an element
+/// unwritten fails its comparison with the reference.
+///
+/// # Safety
+/// Every element must be written before it is read.
+#[allow(clippy::uninit_vec)]
+pub(crate) unsafe fn alloc_uninit(n: usize) -> Vec<f32> {
+    if cfg!(test) {
+        return vec![f32::NAN; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n; the caller writes every element before reading it.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// A raw pointer that may cross rayon tasks; every task writes a disjoint region.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr(pub(crate) *mut f32);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{f32_slice, multiversion};
+use crate::cpu::{alloc_uninit, f32_slice, multiversion};
 
 /// Batch statistics of a normalisation in training mode.
 pub struct BatchStats {
@@ -196,7 +196,8 @@ impl CustomOp3 for BnTrain {
         let var: Vec<f64> = (0..c).map(|j| (sums[c + j] / m as f64 - (sums[j] / m as f64).powi(2)).max(0.0)).collect();
         let scale: Vec<f32> = var.iter().zip(gamma).map(|(v, g)| (*g as f64 / (v + self.eps).sqrt()) as f32).collect();
         let shift: Vec<f32> = (0..c).map(|j| beta[j] - (mean[j] as f32) * scale[j]).collect();
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: apply_block writes every element (x.len() is a multiple of c).
+        let mut y = unsafe { alloc_uninit(x.len()) };
         let relu = self.relu;
         y.par_chunks_mut(c * ROWS)
             .zip(x.par_chunks(c * ROWS))
@@ -268,7 +269,8 @@ impl CustomOp3 for BnBwd {
         let (db, dg): (Vec<f32>, Vec<f32>) =
             (sums[..c].iter().map(|v| *v as f32).collect(), sums[c..].iter().map(|v| *v as f32).collect());
         let coef: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j] / m as f32).collect();
-        let mut out = vec![0f32; (m + 2) * c];
+        // SAFETY: dx_block writes the m rows of dx, the copies the last two rows.
+        let mut out = unsafe { alloc_uninit((m + 2) * c) };
         let (dx, tail) = out.split_at_mut(m * c);
         dx.par_chunks_mut(c * ROWS).enumerate().for_each(|(bi, block)| {
             let span = bi * ROWS * c..bi * ROWS * c + block.len();
