@@ -22,11 +22,11 @@
 //! Choices: T-stream convolutions use Kaiming normal (fan-out), as the reference's: its
 //! `ResNet.__init__` applies that init to every `nn.Conv2d` in the module after building
 //! `self.trans` (`models/resnet_care.py`), and leaves the Linear heads at PyTorch's default, as
-//! here. The last BN of each block starts at gamma = 0 as the
-//! reference's. The position tables are sized for `fmap_size` (the side of `layer3`'s map: 14 at
-//! 224 px); another input size is an error naming both. Names: `trans.i.{shortcut.0/1, net.0/1,
-//! net.3.to_qkv, net.3.pos_emb.height/width, net.5, net.7, net.8}` (the reference's Sequential
-//! indices), `projector`, `predictor`, `trans_projector`, `trans_predictor`.
+//! here. The last BN of each block starts at gamma = 0, as the reference's. The position tables
+//! are sized for `fmap_size` (the side of `layer3`'s map: 14 at 224 px); another input size is an
+//! error naming both. Names: `trans.i.{shortcut.0/1, net.0/1, net.3.to_qkv,
+//! net.3.pos_emb.height/width, net.5, net.7, net.8}` (the reference's Sequential indices),
+//! `projector`, `predictor`, `trans_projector`, `trans_predictor`.
 
 use std::collections::HashMap;
 

@@ -14,11 +14,11 @@
 //! Choices: the neck's init is the reference's: `DenseCL.init_weights` calls the neck's
 //! `init_weights(init_linear='kaiming')`, so the Linear layers are Kaiming-normal (fan-in, ReLU:
 //! N(0, 2 / fan_in)) with zero biases, and `_init_weights` leaves the 1x1 convs at PyTorch's
-//! default, U(+-1 / sqrt(fan_in)) for weights and biases. (Until 2026-11-24 this file used the
-//! `'normal'` branch, Linear N(0, 0.01): with it the global term never learned on Fashion-MNIST,
-//! its InfoNCE rising to log(1 + K) while the dense term fell, see docs/benchmarks.md.) Names: `projector.{0,2}` (global, Linear)
-//! and `dense_projector.{0,2}` (1x1 conv weights `(out, in, 1, 1)`), the reference's `neck.mlp`
-//! and `neck.mlp2`. Shuffle-BN on one device as in `moco.rs`. The warm-up hook (lambda = 0 for
+//! default, U(+-1 / sqrt(fan_in)) for weights and biases. (The `'normal'` branch's Linear
+//! N(0, 0.01), used here until 2026-11-24, left the global term unlearned on Fashion-MNIST: its
+//! InfoNCE rose to log(1 + K) while the dense term fell; docs/benchmarks.md.)
+//! Names: `projector.{0,2}` (global, Linear) and `dense_projector.{0,2}` (1x1 conv weights
+//! `(out, in, 1, 1)`), the reference's `neck.mlp` and `neck.mlp2`. Shuffle-BN on one device as in `moco.rs`. The warm-up hook (lambda = 0 for
 //! 1000 iterations) is off in every shipped config, so it is not implemented.
 
 use std::collections::HashMap;

@@ -59,6 +59,17 @@ fn src(o: usize, k: usize, g: &Geometry) -> isize {
     (o * g.stride + k) as isize - g.padding as isize
 }
 
+/// The taps `lo..hi` of a kernel row at output column `ox` that fall inside an input of width
+/// `w`, and the input column of tap `lo`. Channels-last stores those taps' input columns as one
+/// span of `(hi - lo) * c_in` values, in the order of the (kx, c_in) part of an im2col row, so
+/// im2col and col2im move one span per kernel row instead of one `c_in` piece per tap.
+#[inline]
+fn row_span(ox: usize, w: usize, g: &Geometry) -> (usize, usize, usize) {
+    let ix0 = src(ox, 0, g);
+    let (lo, hi) = ((-ix0).clamp(0, g.kw as isize) as usize, (w as isize - ix0).clamp(0, g.kw as isize) as usize);
+    (lo, hi, (ix0 + lo as isize).max(0) as usize)
+}
+
 /// All sizes of one call.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -114,11 +125,8 @@ fn im2col_block(d: &Dims, x: &[f32], first: usize, rows: usize, cols: &mut [f32]
         let pos = first + r;
         let (bi, oy, ox) = (pos / (d.ho * d.wo), (pos / d.wo) % d.ho, pos % d.wo);
         let row = &mut cols[r * k..(r + 1) * k];
-        // The taps of one kernel row read kw consecutive input columns, which channels-last
-        // stores as one span of kw * c values, laid out as the (kx, c) part of the im2col row:
-        // one copy per kernel row (not one per tap), zeros for the columns outside the input.
-        let ix0 = src(ox, 0, &g);
-        let (lo, hi) = ((-ix0).clamp(0, g.kw as isize) as usize, (d.w as isize - ix0).clamp(0, g.kw as isize) as usize);
+        // One copy per kernel row; taps outside the input are zeros.
+        let (lo, hi, ix) = row_span(ox, d.w, &g);
         for ky in 0..g.kh {
             let iy = src(oy, ky, &g);
             let dst = &mut row[ky * g.kw * c..][..g.kw * c];
@@ -126,8 +134,7 @@ fn im2col_block(d: &Dims, x: &[f32], first: usize, rows: usize, cols: &mut [f32]
                 dst.fill(0.0);
                 continue;
             }
-            let s0 = ((bi * d.h + iy as usize) * d.w) as isize + ix0 + lo as isize;
-            let s0 = s0 as usize * c;
+            let s0 = ((bi * d.h + iy as usize) * d.w + ix) * c;
             dst[..lo * c].fill(0.0);
             dst[lo * c..hi * c].copy_from_slice(&x[s0..s0 + (hi - lo) * c]);
             dst[hi * c..].fill(0.0);
@@ -154,8 +161,7 @@ fn col2im_block(d: &Dims, dcols: &[f32], first: usize, rows: usize, dx: &mut [f3
         let dx_img = &mut dx[bi * d.h * d.w * c..][..d.h * d.w * c];
         let row = &dcols[r * k..(r + 1) * k];
         // One span per kernel row, as in `im2col_block`.
-        let ix0 = src(ox, 0, &g);
-        let (lo, hi) = ((-ix0).clamp(0, g.kw as isize) as usize, (d.w as isize - ix0).clamp(0, g.kw as isize) as usize);
+        let (lo, hi, ix) = row_span(ox, d.w, &g);
         if lo >= hi {
             continue;
         }
@@ -164,8 +170,7 @@ fn col2im_block(d: &Dims, dcols: &[f32], first: usize, rows: usize, dx: &mut [f3
             if iy < 0 || iy >= d.h as isize {
                 continue;
             }
-            let s0 = (iy as usize * d.w) as isize + ix0 + lo as isize;
-            let dst = &mut dx_img[s0 as usize * c..][..(hi - lo) * c];
+            let dst = &mut dx_img[(iy as usize * d.w + ix) * c..][..(hi - lo) * c];
             let taps = &row[(ky * g.kw + lo) * c..][..(hi - lo) * c];
             dst.iter_mut().zip(taps).for_each(|(a, v)| *a += v);
         }

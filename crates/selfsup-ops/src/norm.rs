@@ -269,7 +269,7 @@ impl CustomOp3 for BnBwd {
         let (db, dg): (Vec<f32>, Vec<f32>) =
             (sums[..c].iter().map(|v| *v as f32).collect(), sums[c..].iter().map(|v| *v as f32).collect());
         let coef: Vec<f32> = (0..c).map(|j| gamma[j] * invstd[j] / m as f32).collect();
-        // SAFETY: dx_block writes the m rows of dx, the copies the last two rows.
+        // SAFETY: dx_block writes the m rows of dx, and the two copies below the last two rows.
         let mut out = unsafe { alloc_uninit((m + 2) * c) };
         let (dx, tail) = out.split_at_mut(m * c);
         dx.par_chunks_mut(c * ROWS).enumerate().for_each(|(bi, block)| {
