@@ -303,6 +303,17 @@ impl ModelConfig {
         })
     }
 
+    /// What an input side must be a multiple of. ResNet's padded convolutions and pooling take
+    /// any side (each stride-2 layer rounds up, so 28 px gives a 4x4 map at stride 8); the
+    /// patch-based families (ViT, CvT, ConvNeXt V2's stem and its 32-px FCMAE mask grid,
+    /// Mobile-Former's) need a whole number of patches, so their multiple is their stride.
+    pub fn size_multiple(&self) -> Result<usize> {
+        Ok(match self.family()? {
+            Family::Resnet(_) => 1,
+            _ => self.stride()?,
+        })
+    }
+
     pub fn build(&self, vb: Vb) -> Result<Box<dyn Backbone>> {
         if self.in_chans == 0 {
             candle_core::bail!("model.in_chans must be positive")

@@ -122,10 +122,12 @@ impl Config {
 
     /// Trainable parameters and multiply-accumulates of one `size x size` forward, counted from
     /// the config (no allocation): (params, macs). BatchNorm adds 2 parameters per channel.
+    /// Every strided layer (convs padded to `k / 2`, the stem's max-pool) rounds its output side
+    /// up, so a side that is not a multiple of the stride is counted as the model runs it.
     pub fn cost(&self, size: usize) -> (usize, usize) {
         let k = if self.imagenet_stem { 7 } else { 3 };
-        let mut side = if self.imagenet_stem { size / 4 } else { size };
-        let stem_side = if self.imagenet_stem { size / 2 } else { size };
+        let mut side = if self.imagenet_stem { size.div_ceil(4) } else { size };
+        let stem_side = if self.imagenet_stem { size.div_ceil(2) } else { size };
         let mut params = self.in_chans * self.stem_width * k * k + 2 * self.stem_width;
         let mut macs = stem_side * stem_side * self.in_chans * self.stem_width * k * k;
         let mut c_in = self.stem_width;
@@ -133,7 +135,7 @@ impl Config {
             for j in 0..stage.depth {
                 let stride = if j == 0 { stage.stride } else { 1 };
                 let (w, c_out) = (stage.width, stage.width * self.block.expansion());
-                let out_side = side / stride;
+                let out_side = side.div_ceil(stride);
                 let hw_out = out_side * out_side;
                 // (c_in, c_out, kernel, output positions) of each conv.
                 let convs: Vec<(usize, usize, usize)> = match self.block {
@@ -384,6 +386,23 @@ mod tests {
         let bad = Tensor::ones((2, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
         assert!(m.forward_pooled(&bad, Mode::Eval).unwrap_err().to_string().contains("3 channels"));
         assert!(Config::resnet18(1).with_widths(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn off_stride_sides_round_up_in_the_model_and_its_cost() {
+        // Fashion-MNIST's native 28 px at stride 8: 28 -> 14 -> 7 -> 4.
+        let cfg = Config::resnet18(1).with_widths(&[2, 2, 2, 2]).unwrap();
+        let (m, _) = build(&cfg);
+        let xs = Tensor::ones((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        let sides: Vec<usize> = m.forward_stages(&xs, Mode::Eval).unwrap().iter().map(|t| t.dim(3).unwrap()).collect();
+        assert_eq!(sides, [28, 14, 7, 4]);
+        // Width 2 everywhere: the stem is 28^2 * 1 * 2 * 9; each stage has two blocks of two
+        // 3x3 convs (2 * 2 * 9 per output position); stages 2-4 open with a strided 1x1
+        // downsample (2 * 2 per output position).
+        let want = 28 * 28 * 18
+            + sides.iter().map(|s| 4 * 36 * s * s).sum::<usize>()
+            + sides[1..].iter().map(|s| 4 * s * s).sum::<usize>();
+        assert_eq!(cfg.cost(28).1, want);
     }
 
     #[test]

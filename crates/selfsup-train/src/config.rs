@@ -230,11 +230,11 @@ impl RunConfig {
                 self.views.len()
             )
         }
-        let stride = self.model.stride().map_err(|e| anyhow::anyhow!("model: {e}"))?;
+        let multiple = self.model.size_multiple().map_err(|e| anyhow::anyhow!("model: {e}"))?;
         for (i, v) in self.views.iter().enumerate() {
             v.validate(self.model.in_chans).with_context(|| format!("views[{i}]"))?;
-            if v.size % stride != 0 {
-                bail!("views[{i}].size = {} is not a multiple of the model's stride {stride}", v.size)
+            if v.size % multiple != 0 {
+                bail!("views[{i}].size = {} is not a multiple of the model's stride {multiple}", v.size)
             }
         }
         parse_device(&self.device)?;
@@ -288,6 +288,23 @@ mod tests {
             }
         }
         assert!(n > 0, "no configs in {}", dir.display());
+    }
+
+    /// ResNet takes any view side; patch-based models need a multiple of their stride.
+    #[test]
+    fn view_sides_follow_the_models_multiple() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let resize = |file: &str, from: &str, to: &str| {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            assert!(text.contains(from), "{file} has no `{from}`");
+            RunConfig::from_toml(&text.replace(from, to))
+        };
+        resize("moco_v2_resnet18_fmnist.toml", "size = 32", "size = 28").unwrap();
+        let err = resize("fcmae_convnextv2_atto_fmnist.toml", "size = 64", "size = 48").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("views[0].size = 48 is not a multiple of the model's stride 32"),
+            "{err:#}"
+        );
     }
 
     #[test]

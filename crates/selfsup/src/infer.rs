@@ -43,9 +43,9 @@ pub fn infer(model: &str, weights: &Path, input: &Path, output: &Path, widths: O
             )
         }
     }
-    let stride = cfg.stride()?;
-    if h % stride != 0 || w % stride != 0 {
-        bail!("{}: input {h}x{w} is not a multiple of {model}'s total stride {stride}", input.display())
+    let multiple = cfg.size_multiple()?;
+    if h % multiple != 0 || w % multiple != 0 {
+        bail!("{}: input {h}x{w} is not a multiple of {model}'s total stride {multiple}", input.display())
     }
     let mapped = cfg.map_reference_weights(state)?;
     if !mapped.unused.is_empty() {

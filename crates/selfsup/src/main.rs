@@ -661,9 +661,9 @@ fn eval_setup(
     }
     let view = &cfg.views[0];
     let size = size.unwrap_or(view.size);
-    let stride = cfg.model.stride()?;
-    if size == 0 || !size.is_multiple_of(stride) {
-        anyhow::bail!("--size {size} is not a positive multiple of the model's stride {stride}")
+    let multiple = cfg.model.size_multiple()?;
+    if size == 0 || !size.is_multiple_of(multiple) {
+        anyhow::bail!("--size {size} is not a positive multiple of the model's stride {multiple}")
     }
     let transform = EvalTransform { size, mean: view.mean.clone(), std: view.std.clone() };
     Ok(EvalSetup { cfg, backbone, train, test, train_labels, test_labels, num_classes, unseen, transform })
