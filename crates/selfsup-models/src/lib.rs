@@ -304,9 +304,10 @@ impl ModelConfig {
     }
 
     /// What an input side must be a multiple of. ResNet's padded convolutions and pooling take
-    /// any side (each stride-2 layer rounds up, so 28 px gives a 4x4 map at stride 8); the
-    /// patch-based families (ViT, CvT, ConvNeXt V2's stem and its 32-px FCMAE mask grid,
-    /// Mobile-Former's) need a whole number of patches, so their multiple is their stride.
+    /// any side (each stride-2 layer rounds up, so 28 px gives a 4x4 map at stride 8; a test
+    /// holds this). The others keep their total stride: ViT and CvT need whole patches,
+    /// ConvNeXt V2's patchify stem (and FCMAE's 32-px mask grid) whole cells, and Mobile-Former
+    /// has not been checked at other sides.
     pub fn size_multiple(&self) -> Result<usize> {
         Ok(match self.family()? {
             Family::Resnet(_) => 1,
