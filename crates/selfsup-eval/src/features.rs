@@ -1,4 +1,11 @@
 //! Feature extraction: pooled backbone features over a dataset, in evaluation mode.
+//!
+//! Two poolings: the backbone's own (`forward_pooled`: ResNet's global average, ConvNeXt's
+//! global average then LayerNorm, ViT's class token), and the final feature map average-pooled
+//! to an n x n grid and flattened, which keeps where a feature fired. Linear classifiers on
+//! spatially pooled conv maps are the probe of Goyal et al., "Scaling and Benchmarking
+//! Self-Supervised Visual Representation Learning" (2019), and of the colorization and jigsaw
+//! papers before it; the global pool is MoCo's, MAE's and the kNN monitor's.
 
 use candle_core::{Device, Result, Tensor};
 use selfsup_data::{loader::eval_batch, Source};
@@ -12,11 +19,65 @@ pub struct EvalTransform {
     pub std: Vec<f32>,
 }
 
-/// Pooled features (n, d) of every image of `set`, `batch` images at a time.
+/// How a backbone's output becomes one feature vector per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The backbone's own pooled features, `num_features` of them.
+    #[default]
+    Global,
+    /// The final feature map (`forward_features`, before any head norm) average-pooled to an
+    /// n x n grid with PyTorch's `adaptive_avg_pool2d` cells, flattened channel-major as
+    /// `flatten(1)` does: c * n * n features.
+    Grid(usize),
+}
+
+impl Pooling {
+    /// Features per image for a backbone of `channels` output channels.
+    pub fn dim(&self, channels: usize) -> usize {
+        match *self {
+            Pooling::Global => channels,
+            Pooling::Grid(n) => channels * n * n,
+        }
+    }
+}
+
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pooling::Global => write!(f, "global pool"),
+            Pooling::Grid(n) => write!(f, "{n}x{n} grid of the final map"),
+        }
+    }
+}
+
+/// PyTorch's `adaptive_avg_pool2d(xs, n).flatten(1)`: (b, c, h, w) -> (b, c * n * n), cell
+/// (i, j) averaging rows floor(i h / n) .. ceil((i + 1) h / n) and the same for columns (cells
+/// overlap when n does not divide the side). `n` must be 1..=min(h, w): a larger grid would only
+/// repeat values.
+pub fn grid_pool(xs: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if n == 0 || n > h || n > w {
+        candle_core::bail!("a {n}x{n} grid does not fit the {h}x{w} feature map: use 1..={}", h.min(w))
+    }
+    let span = |i: usize, len: usize| (i * len / n, ((i + 1) * len).div_ceil(n));
+    let mut cells = Vec::with_capacity(n * n);
+    for i in 0..n {
+        let (r0, r1) = span(i, h);
+        for j in 0..n {
+            let (c0, c1) = span(j, w);
+            cells.push(xs.narrow(2, r0, r1 - r0)?.narrow(3, c0, c1 - c0)?.mean_keepdim((2, 3))?);
+        }
+    }
+    // (b, c, n * n) with cells row-major, then channel-major flattening.
+    Tensor::cat(&cells, 2)?.reshape((b, c * n * n))
+}
+
+/// Features (n, d) of every image of `set`, `batch` images at a time, pooled as `pooling` says.
 pub fn extract(
     backbone: &dyn Backbone,
     set: &dyn Source,
     t: &EvalTransform,
+    pooling: Pooling,
     batch: usize,
     device: &Device,
 ) -> Result<Tensor> {
@@ -26,7 +87,12 @@ pub fn extract(
         let end = (start + batch).min(n);
         let xs =
             eval_batch(set, start, end, t.size, &t.mean, &t.std).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let feats = backbone.forward_pooled(&xs.to_device(device)?, Mode::Eval)?.detach();
+        let xs = xs.to_device(device)?;
+        let feats = match pooling {
+            Pooling::Global => backbone.forward_pooled(&xs, Mode::Eval)?,
+            Pooling::Grid(g) => grid_pool(&backbone.forward_features(&xs, Mode::Eval)?, g)?,
+        }
+        .detach();
         out.push(feats.to_device(&Device::Cpu)?);
     }
     Tensor::cat(&out, 0)
@@ -60,6 +126,50 @@ mod tests {
     use super::*;
     use crate::knn::{knn_classify, KnnSetting};
     use selfsup_data::{dataset::mnist_family, Split};
+
+    /// `grid_pool` against PyTorch's `adaptive_avg_pool2d(x, 2).flatten(1)` on a 5x5 map, where
+    /// the cells overlap (rows and columns 0..3 and 2..5): values worked by hand.
+    #[test]
+    fn grid_pool_matches_adaptive_avg_pool_cells() {
+        // Channel 0 holds 10 * row + col, channel 1 its negation.
+        let v: Vec<f32> = (0..25).map(|i| (10 * (i / 5) + i % 5) as f32).collect();
+        let neg: Vec<f32> = v.iter().map(|x| -x).collect();
+        let xs = Tensor::from_vec([v, neg].concat(), (1, 2, 5, 5), &Device::Cpu).unwrap();
+        let got = grid_pool(&xs, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Cell (i, j) mean = 10 * mean(rows) + mean(cols); rows/cols 0..3 average 1, 2..5 average 3.
+        let want = [11.0f32, 13.0, 31.0, 33.0, -11.0, -13.0, -31.0, -33.0];
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        let err = grid_pool(&xs, 6).unwrap_err().to_string();
+        assert!(err.contains("6x6 grid") && err.contains("5x5 feature map"), "{err}");
+        assert!(grid_pool(&xs, 0).is_err());
+    }
+
+    /// Through a real backbone: a 1x1 grid is ResNet's own global average pool, and a 2x2 grid
+    /// has four times the features, whose cell means average back to the global pool.
+    #[test]
+    fn grid_features_of_a_resnet() {
+        let dev = Device::Cpu;
+        let model = selfsup_models::ModelConfig::narrow(selfsup_models::Arch::Resnet18, 1, &[4, 8, 8, 8]);
+        let vars = selfsup_models::Vars::new(3);
+        let backbone = model.build(vars.vb(candle_core::DType::F32, &dev).pp("backbone")).unwrap();
+        let set = selfsup_data::dataset::synthetic_stripes(6, 32, 3, 1);
+        let t = EvalTransform { size: 32, mean: vec![0.5], std: vec![0.25] };
+        let global = extract(backbone.as_ref(), &set, &t, Pooling::Global, 4, &dev).unwrap();
+        let one = extract(backbone.as_ref(), &set, &t, Pooling::Grid(1), 4, &dev).unwrap();
+        let two = extract(backbone.as_ref(), &set, &t, Pooling::Grid(2), 4, &dev).unwrap();
+        assert_eq!(global.dims(), &[6, Pooling::Global.dim(8)]);
+        assert_eq!(two.dims(), &[6, Pooling::Grid(2).dim(8)]);
+        let diff =
+            |a: &Tensor, b: &Tensor| a.sub(b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&global, &one) < 1e-5);
+        // The 32 px input gives a 4x4 map at stride 8, so the 2x2 cells tile it exactly.
+        let cell_mean = two.reshape((6, 8, 4)).unwrap().mean(2).unwrap();
+        assert!(diff(&global, &cell_mean) < 1e-5);
+        assert!(diff(&two.narrow(1, 0, 1).unwrap(), &two.narrow(1, 1, 1).unwrap()) > 0.0);
+    }
 
     /// Raw-pixel kNN on real Fashion-MNIST (the first 10k training images as bank, the first
     /// 2k test images as queries): holds the IDX reader, the feature path and kNN together.

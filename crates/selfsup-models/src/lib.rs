@@ -162,6 +162,21 @@ fn default_in_chans() -> usize {
 }
 
 impl ModelConfig {
+    /// `arch` with `in_chans` input channels and these per-stage widths, everything else at its
+    /// default (no drop-path; ResNet's small-image stem; ViT at 224 px without iRPE). The quick
+    /// way to a narrow network for tests and examples.
+    pub fn narrow(arch: Arch, in_chans: usize, widths: &[usize]) -> Self {
+        Self {
+            arch,
+            in_chans,
+            widths: Some(widths.to_vec()),
+            drop_path_rate: 0.0,
+            img_size: None,
+            imagenet_stem: false,
+            irpe: false,
+        }
+    }
+
     /// The full config of the configured architecture (widths and drop-path applied).
     pub fn family(&self) -> Result<Family> {
         let c = self.in_chans;

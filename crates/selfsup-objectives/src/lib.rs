@@ -323,15 +323,7 @@ mod tests {
 
     /// A narrow ResNet-18 on one channel, for objective tests.
     pub(crate) fn tiny_resnet() -> ModelConfig {
-        ModelConfig {
-            arch: selfsup_models::Arch::Resnet18,
-            in_chans: 1,
-            widths: Some(vec![4, 8, 8, 8]),
-            drop_path_rate: 0.0,
-            img_size: None,
-            imagenet_stem: false,
-            irpe: false,
-        }
+        ModelConfig::narrow(selfsup_models::Arch::Resnet18, 1, &[4, 8, 8, 8])
     }
 
     /// A narrow ViT (16-d, 2 blocks, 2 heads, patch 8) at 32 px on one channel.

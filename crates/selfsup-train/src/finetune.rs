@@ -727,15 +727,8 @@ mod tests {
 
     fn tiny_run(cfg: &FinetuneConfig) -> FinetuneResult {
         let dev = Device::Cpu;
-        let model = ModelConfig {
-            arch: Arch::Resnet18,
-            in_chans: 1,
-            widths: Some(vec![4, 8, 8, 8]),
-            drop_path_rate: cfg.drop_path,
-            img_size: None,
-            imagenet_stem: false,
-            irpe: false,
-        };
+        let model =
+            ModelConfig { drop_path_rate: cfg.drop_path, ..ModelConfig::narrow(Arch::Resnet18, 1, &[4, 8, 8, 8]) };
         let vars = Vars::new(1);
         let backbone = model.build(vars.vb(DType::F32, &dev).pp("backbone")).unwrap();
         let train = Arc::new(synthetic_stripes(192, 16, 3, 1));

@@ -312,7 +312,14 @@ fn summarize(run_dir: &Path, m: &Metrics, plots: &[PathBuf], no_plots: Option<&s
 
     let mut evals = String::new();
     if let Some(v) = read_json(&run_dir.join("knn.json")) {
-        let _ = writeln!(evals, "\n### kNN ({} bank images, {} queries, {} px)\n", v["bank"], v["queries"], v["size"]);
+        let _ = writeln!(
+            evals,
+            "\n### kNN ({} bank images, {} queries, {} px{})\n",
+            v["bank"],
+            v["queries"],
+            v["size"],
+            pooling_note(&v)
+        );
         let results = v["results"].as_array().cloned().unwrap_or_default();
         let settings: Vec<String> = results
             .first()
@@ -336,10 +343,16 @@ fn summarize(run_dir: &Path, m: &Metrics, plots: &[PathBuf], no_plots: Option<&s
     let tables = [("linear.json", "features", "Linear probe"), ("finetune.json", "init", "Fine-tuning")];
     for (file, row_key, heading) in tables {
         let Some(v) = read_json(&run_dir.join(file)) else { continue };
-        let epochs = v["config"]["epochs"].as_u64().map(|e| format!(", {e} epochs")).unwrap_or_default();
+        // finetune.json keeps its recipe under `config`, linear.json under `probe`.
+        let epochs = v["config"]["epochs"]
+            .as_u64()
+            .or(v["probe"]["epochs"].as_u64())
+            .map(|e| format!(", {e} epochs"))
+            .unwrap_or_default();
         let preset = v["preset"].as_str().unwrap_or("?");
         let (train, test) = (&v["train"], &v["test"]);
-        let _ = writeln!(evals, "\n### {heading} ({preset}{epochs}, {train} training / {test} test images)\n");
+        let pooling = pooling_note(&v);
+        let _ = writeln!(evals, "\n### {heading} ({preset}{epochs}, {train} training / {test} test images{pooling})\n");
         let _ = writeln!(evals, "| {row_key} | top-1 % | top-5 % |\n|---|---|---|");
         for r in v["results"].as_array().into_iter().flatten() {
             let (t1, t5) = (num(&r["result"]["top1"]), num(&r["result"]["top5"]));
@@ -364,6 +377,12 @@ fn summarize(run_dir: &Path, m: &Metrics, plots: &[PathBuf], no_plots: Option<&s
     s
 }
 
+/// ", 2x2 grid of the final map" when an evaluation pooled the features other than globally
+/// (older result files carry no `pooling` and were globally pooled).
+fn pooling_note(v: &serde_json::Value) -> String {
+    v["pooling"].as_str().filter(|p| *p != "global pool").map(|p| format!(", {p}")).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,7 +405,7 @@ mod tests {
         std::fs::write(dir.join("metrics.jsonl"), lines).unwrap();
         std::fs::write(
             dir.join("linear.json"),
-            r#"{"preset":"standard","train":100,"test":50,"results":[{"features":"pretrained","result":{"top1":81.5,"top5":99.0}}]}"#,
+            r#"{"preset":"mae","probe":{"epochs":90},"train":100,"test":50,"pooling":"2x2 grid of the final map","results":[{"features":"pretrained","result":{"top1":81.5,"top5":99.0}}]}"#,
         )
         .unwrap();
     }
@@ -417,6 +436,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("| pretrained | 81.50 | 99.00 |"), "{text}");
+        assert!(
+            text.contains(
+                "### Linear probe (mae, 90 epochs, 100 training / 50 test images, 2x2 grid of the final map)"
+            ),
+            "{text}"
+        );
         // CI installs fonts-dejavu-core (.ci/run), so the plots are drawn there.
         assert!(font.is_some(), "no font: apt-get install -y fonts-dejavu-core");
         let names: Vec<_> = w.plots.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();

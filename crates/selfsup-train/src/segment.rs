@@ -403,15 +403,7 @@ mod tests {
     }
 
     fn tiny_resnet(in_chans: usize) -> ModelConfig {
-        ModelConfig {
-            arch: selfsup_models::Arch::Resnet18,
-            in_chans,
-            widths: Some(vec![4, 8, 8, 8]),
-            drop_path_rate: 0.0,
-            img_size: None,
-            imagenet_stem: false,
-            irpe: false,
-        }
+        ModelConfig::narrow(selfsup_models::Arch::Resnet18, in_chans, &[4, 8, 8, 8])
     }
 
     /// Issue 9's transfer path end to end: pretrain on the segset's own images

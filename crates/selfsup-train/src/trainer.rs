@@ -239,15 +239,15 @@ impl Trainer {
     /// kNN of the online backbone's features on the held-out sets, as one metrics line. Runs in
     /// evaluation mode and changes no state, so a resumed run stays exact.
     fn online_knn(&self, epoch: usize) -> Result<serde_json::Value> {
+        use selfsup_eval::features::{extract, EvalTransform, Pooling};
         let t0 = Instant::now();
         let (bank, queries) = self.knn_sets.as_ref().context("online kNN sets not loaded")?;
         let view = &self.cfg.views[0];
-        let t =
-            selfsup_eval::features::EvalTransform { size: view.size, mean: view.mean.clone(), std: view.std.clone() };
+        let t = EvalTransform { size: view.size, mean: view.mean.clone(), std: view.std.clone() };
         let backbone = self.objective.backbone();
         let (b, q) = (
-            selfsup_eval::features::extract(backbone, bank.as_ref(), &t, 500, &self.device)?,
-            selfsup_eval::features::extract(backbone, queries.as_ref(), &t, 500, &self.device)?,
+            extract(backbone, bank.as_ref(), &t, Pooling::Global, 500, &self.device)?,
+            extract(backbone, queries.as_ref(), &t, Pooling::Global, 500, &self.device)?,
         );
         let labels = |s: &Arc<dyn Source>| s.labels().unwrap_or_default();
         let classes = bank.num_classes().max(queries.num_classes());

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! selfsup pretrain --config configs/byol_resnet18_fmnist_demo.toml [--resume RUN_DIR]
-//! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N]
-//! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care|mae] [--baselines]
+//! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N] [--grid N]
+//! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care|mae] [--baselines] [--grid N]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
 //! selfsup report RUN_DIR [--font FILE]
 //! selfsup info [models|objectives|optimizers] [--size 224]
@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand};
 use selfsup_data::source::take;
 use selfsup_data::Source;
 use selfsup_data::Split;
-use selfsup_eval::features::{extract, raw_pixels, EvalTransform};
+use selfsup_eval::features::{extract, raw_pixels, EvalTransform, Pooling};
 use selfsup_eval::{knn_classify, linear_probe, KnnAccuracy, KnnSetting, ProbeConfig};
 use selfsup_train::finetune::{finetune, FinetuneConfig, LayerDecayRule};
 use selfsup_train::trainer::{load_backbone, load_backbone_vars, load_split, random_backbone, random_backbone_vars};
@@ -169,6 +169,10 @@ enum EvalCommand {
         /// Evaluation image side in pixels (default: the size of the run's first view).
         #[arg(long)]
         size: Option<usize>,
+        /// Pool the final feature map to an N x N grid and concatenate the cells (channels x N x N
+        /// features) instead of the backbone's global pool (Goyal et al. 2019's probe).
+        #[arg(long, value_name = "N")]
+        grid: Option<usize>,
         /// Feature-extraction batch size.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -191,6 +195,10 @@ enum EvalCommand {
         /// Also probe the same network at random init and the raw pixels.
         #[arg(long)]
         baselines: bool,
+        /// Pool the final feature map to an N x N grid and concatenate the cells (channels x N x N
+        /// features) instead of the backbone's global pool (Goyal et al. 2019's probe).
+        #[arg(long, value_name = "N")]
+        grid: Option<usize>,
         /// Feature-extraction batch size.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -355,11 +363,11 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain { config, resume } => pretrain(config, resume),
-        Command::Eval { protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, batch, json } } => {
-            eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, batch, json })
-        }
-        Command::Eval { protocol: EvalCommand::Linear { run, preset, epochs, baselines, batch, json } } => {
-            eval_linear(run, LinearArgs { preset, epochs, baselines, batch, json })
+        Command::Eval {
+            protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, grid, batch, json },
+        } => eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, pooling: pooling(grid), batch, json }),
+        Command::Eval { protocol: EvalCommand::Linear { run, preset, epochs, baselines, grid, batch, json } } => {
+            eval_linear(run, LinearArgs { preset, epochs, baselines, pooling: pooling(grid), batch, json })
         }
         Command::Eval { protocol: EvalCommand::Segment { pred, truth, classes, ignore, names, json } } => {
             eval_segment(&pred, &truth, classes, ignore, &names, json)
@@ -612,11 +620,17 @@ fn pretrain(config: PathBuf, resume: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// `--grid N` as a pooling: absent is the backbone's global pool.
+fn pooling(grid: Option<usize>) -> Pooling {
+    grid.map_or(Pooling::Global, Pooling::Grid)
+}
+
 struct KnnArgs {
     bank: Option<usize>,
     queries: Option<usize>,
     baselines: bool,
     size: Option<usize>,
+    pooling: Pooling,
     batch: usize,
     json: Option<PathBuf>,
 }
@@ -670,16 +684,22 @@ fn eval_setup(
 }
 
 /// (name, training features, test features, seconds) of the pretrained backbone and, with
-/// `baselines`, the same network at random init and the raw pixels.
-fn feature_sets(s: &EvalSetup, baselines: bool, batch: usize) -> Result<Vec<(String, Tensor, Tensor, f64)>> {
+/// `baselines`, the same network at random init and the raw pixels; the networks' features
+/// pooled as `pooling` says.
+fn feature_sets(
+    s: &EvalSetup,
+    baselines: bool,
+    pooling: Pooling,
+    batch: usize,
+) -> Result<Vec<(String, Tensor, Tensor, f64)>> {
     let device = candle_core::Device::Cpu;
     let mut out = Vec::new();
     if baselines {
         let t0 = Instant::now();
         let random = random_backbone(&s.cfg, &device)?;
         let (a, b) = (
-            extract(random.as_ref(), s.train.as_ref(), &s.transform, batch, &device)?,
-            extract(random.as_ref(), s.test.as_ref(), &s.transform, batch, &device)?,
+            extract(random.as_ref(), s.train.as_ref(), &s.transform, pooling, batch, &device)?,
+            extract(random.as_ref(), s.test.as_ref(), &s.transform, pooling, batch, &device)?,
         );
         out.push(("random init".to_string(), a, b, t0.elapsed().as_secs_f64()));
         let t0 = Instant::now();
@@ -692,8 +712,8 @@ fn feature_sets(s: &EvalSetup, baselines: bool, batch: usize) -> Result<Vec<(Str
     }
     let t0 = Instant::now();
     let (a, b) = (
-        extract(s.backbone.as_ref(), s.train.as_ref(), &s.transform, batch, &device)?,
-        extract(s.backbone.as_ref(), s.test.as_ref(), &s.transform, batch, &device)?,
+        extract(s.backbone.as_ref(), s.train.as_ref(), &s.transform, pooling, batch, &device)?,
+        extract(s.backbone.as_ref(), s.test.as_ref(), &s.transform, pooling, batch, &device)?,
     );
     out.push(("pretrained".to_string(), a, b, t0.elapsed().as_secs_f64()));
     Ok(out)
@@ -711,20 +731,20 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
-    let KnnArgs { bank, queries, baselines, size, batch, json } = args;
+    let KnnArgs { bank, queries, baselines, size, pooling, batch, json } = args;
     let setup = eval_setup(&checkpoint, bank, queries, size)?;
     let EvalSetup { cfg, train, test, .. } = &setup;
     let size = setup.transform.size;
     let settings = KnnSetting::STANDARD;
     let mut rows: Vec<(String, Vec<KnnAccuracy>, f64)> = Vec::new();
-    for (name, bank_f, query_f, secs) in feature_sets(&setup, baselines, batch)? {
+    for (name, bank_f, query_f, secs) in feature_sets(&setup, baselines, pooling, batch)? {
         let acc =
             knn_classify(&bank_f, &setup.train_labels, &query_f, &setup.test_labels, setup.num_classes, &settings)?;
         rows.push((name, acc, secs));
     }
 
     println!(
-        "kNN on {} ({} bank images, {} queries; network input {size} px), top-1 %:",
+        "kNN on {} ({} bank images, {} queries; network input {size} px, {pooling}), top-1 %:",
         cfg.data.path.display(),
         train.len(),
         test.len()
@@ -738,7 +758,8 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
         println!("| {name:<11} | {} |", cells.join(" | "));
     }
     let value = serde_json::json!({
-        "bank": train.len(), "queries": test.len(), "size": size, "unseen_query_classes": setup.unseen,
+        "bank": train.len(), "queries": test.len(), "size": size, "pooling": pooling.to_string(),
+        "unseen_query_classes": setup.unseen,
         "results": rows.iter().map(|(n, a, s)| serde_json::json!({"features": n, "accuracy": a, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| cfg.output_dir.join("knn.json")), &value)
@@ -748,12 +769,13 @@ struct LinearArgs {
     preset: String,
     epochs: Option<usize>,
     baselines: bool,
+    pooling: Pooling,
     batch: usize,
     json: Option<PathBuf>,
 }
 
 fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
-    let LinearArgs { preset, epochs, baselines, batch, json } = args;
+    let LinearArgs { preset, epochs, baselines, pooling, batch, json } = args;
     let mut probe = match preset.as_str() {
         "standard" => ProbeConfig::standard(),
         "moco" => ProbeConfig::moco(),
@@ -766,13 +788,13 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
     }
     let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
     let mut rows = Vec::new();
-    for (name, train_f, test_f, secs) in feature_sets(&setup, baselines, batch)? {
+    for (name, train_f, test_f, secs) in feature_sets(&setup, baselines, pooling, batch)? {
         let t0 = Instant::now();
         let r = linear_probe(&train_f, &setup.train_labels, &test_f, &setup.test_labels, setup.num_classes, &probe)?;
         rows.push((name, r, secs + t0.elapsed().as_secs_f64()));
     }
     println!(
-        "linear probe ({preset}, {} epochs) on {} ({} training images, {} test images; input {} px), %:",
+        "linear probe ({preset}, {} epochs) on {} ({} training images, {} test images; input {} px, {pooling}), %:",
         probe.epochs,
         setup.cfg.data.path.display(),
         setup.train.len(),
@@ -786,7 +808,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
     }
     let value = serde_json::json!({
         "preset": preset, "probe": probe, "train": setup.train.len(), "test": setup.test.len(), "size": setup.transform.size,
-        "unseen_test_classes": setup.unseen,
+        "pooling": pooling.to_string(), "unseen_test_classes": setup.unseen,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("linear.json")), &value)

@@ -134,6 +134,17 @@ fn pretrain_resume_and_knn_end_to_end() {
     }
     let o = selfsup(&["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--preset", "svm"]);
     assert_fails_with(&o, &["--preset \"svm\"", "standard, moco, care or mae"]);
+    // The grid probe: the 16 px stripes give a 2x2 map at stride 8, so a 2x2 grid fits and a
+    // 3x3 one is refused by name.
+    let grid_json = root.path().join("grid.json");
+    let args = ["eval", "linear", "--checkpoint", out.to_str().unwrap(), "--epochs", "2", "--grid"];
+    let o = selfsup(&[&args[..], &["2", "--json", grid_json.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2x2 grid of the final map"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&grid_json).unwrap()).unwrap();
+    assert_eq!(json["pooling"], "2x2 grid of the final map");
+    let o = selfsup(&[&args[..], &["3"]].concat());
+    assert_fails_with(&o, &["3x3 grid does not fit the 2x2 feature map"]);
 
     let args = ["eval", "finetune", "--checkpoint", out.to_str().unwrap(), "--preset", "fmnist"];
     let o = selfsup(
@@ -440,15 +451,7 @@ fn infer_reproduces_the_model_and_names_bad_weights() {
     use selfsup_models::{Arch, Mode, ModelConfig, Vars};
     let tmp = tempfile::tempdir().unwrap();
     let dev = Device::Cpu;
-    let cfg = ModelConfig {
-        arch: Arch::Resnet18,
-        in_chans: 3,
-        widths: Some(vec![4, 8, 8, 8]),
-        drop_path_rate: 0.0,
-        img_size: None,
-        imagenet_stem: true,
-        irpe: false,
-    };
+    let cfg = ModelConfig { imagenet_stem: true, ..ModelConfig::narrow(Arch::Resnet18, 3, &[4, 8, 8, 8]) };
     let vars = Vars::new(11);
     let model = cfg.build(vars.vb(DType::F32, &dev)).unwrap();
     let mut state: std::collections::HashMap<String, Tensor> = vars.tensors().into_iter().collect();
