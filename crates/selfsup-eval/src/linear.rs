@@ -282,9 +282,12 @@ pub fn linear_probe(
             for (p, v) in params.iter().zip(velocity.iter_mut()) {
                 let mut g = grads.get(p).cloned().unwrap_or(p.as_tensor().zeros_like()?);
                 if cfg.weight_decay > 0.0 {
-                    g = (g + (p.as_tensor() * cfg.weight_decay)?)?;
+                    // Detached: a term built from the tracked Var would chain every step's
+                    // velocity to the last through the graph and keep them all alive (a 4096-d
+                    // probe grew past 24 GiB before this).
+                    g = (g + (p.as_tensor().detach() * cfg.weight_decay)?)?;
                 }
-                *v = ((&*v * cfg.momentum)? + g)?;
+                *v = ((&*v * cfg.momentum)? + g)?.detach();
                 p.set(&(p.as_tensor() - (&*v * lr)?)?)?;
             }
             if let (Some((_, _, rm, rv)), Some((mean, var))) = (head.bn.as_mut(), stats) {

@@ -4,6 +4,7 @@
 //! selfsup pretrain --config configs/byol_resnet18_fmnist_demo.toml [--resume RUN_DIR]
 //! selfsup eval knn --checkpoint RUN_DIR [--baselines] [--bank N] [--grid N]
 //! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care|mae] [--baselines] [--grid N]
+//!     [--weight-decay W] [--holdout N]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
 //! selfsup report RUN_DIR [--font FILE]
 //! selfsup info [models|objectives|optimizers] [--size 224]
@@ -192,6 +193,14 @@ enum EvalCommand {
         /// Override the preset's number of epochs (a warm-up keeps its share of them).
         #[arg(long)]
         epochs: Option<usize>,
+        /// Override the preset's weight decay (every preset has 0, as the references' probes;
+        /// a wide grid-pooled feature may want some).
+        #[arg(long)]
+        weight_decay: Option<f64>,
+        /// Hold out the last N training images and score on them instead of the test split: a
+        /// validation set for choosing the probe's settings without looking at the test set.
+        #[arg(long, value_name = "N")]
+        holdout: Option<usize>,
         /// Also probe the same network at random init and the raw pixels.
         #[arg(long)]
         baselines: bool,
@@ -366,8 +375,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval {
             protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, grid, batch, json },
         } => eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, pooling: pooling(grid), batch, json }),
-        Command::Eval { protocol: EvalCommand::Linear { run, preset, epochs, baselines, grid, batch, json } } => {
-            eval_linear(run, LinearArgs { preset, epochs, baselines, pooling: pooling(grid), batch, json })
+        Command::Eval {
+            protocol: EvalCommand::Linear { run, preset, epochs, weight_decay, holdout, baselines, grid, batch, json },
+        } => {
+            let pooling = pooling(grid);
+            eval_linear(run, LinearArgs { preset, epochs, weight_decay, holdout, baselines, pooling, batch, json })
         }
         Command::Eval { protocol: EvalCommand::Segment { pred, truth, classes, ignore, names, json } } => {
             eval_segment(&pred, &truth, classes, ignore, &names, json)
@@ -683,6 +695,25 @@ fn eval_setup(
     Ok(EvalSetup { cfg, backbone, train, test, train_labels, test_labels, num_classes, unseen, transform })
 }
 
+/// Replaces the test split with the last `n` training images, which leave the training split.
+fn hold_out(s: &mut EvalSetup, n: usize) -> Result<()> {
+    let len = s.train.len();
+    if n == 0 || n >= len {
+        anyhow::bail!("--holdout {n}: expected 1 to {} (the training split has {len} images)", len.saturating_sub(1))
+    }
+    let keep = len - n;
+    s.test = selfsup_data::source::skip(s.train.clone(), keep);
+    s.train = take(s.train.clone(), keep);
+    s.test_labels = s.train_labels.split_off(keep);
+    let seen: std::collections::BTreeSet<u32> = s.train_labels.iter().copied().collect();
+    let unseen: std::collections::BTreeSet<u32> = s.test_labels.iter().filter(|l| !seen.contains(l)).copied().collect();
+    s.unseen = unseen.len();
+    if s.unseen > 0 {
+        eprintln!("note: {} held-out class(es) do not occur in the rest of the training split", s.unseen);
+    }
+    Ok(())
+}
+
 /// (name, training features, test features, seconds) of the pretrained backbone and, with
 /// `baselines`, the same network at random init and the raw pixels; the networks' features
 /// pooled as `pooling` says.
@@ -768,6 +799,8 @@ fn eval_knn(checkpoint: PathBuf, args: KnnArgs) -> Result<()> {
 struct LinearArgs {
     preset: String,
     epochs: Option<usize>,
+    weight_decay: Option<f64>,
+    holdout: Option<usize>,
     baselines: bool,
     pooling: Pooling,
     batch: usize,
@@ -775,7 +808,7 @@ struct LinearArgs {
 }
 
 fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
-    let LinearArgs { preset, epochs, baselines, pooling, batch, json } = args;
+    let LinearArgs { preset, epochs, weight_decay, holdout, baselines, pooling, batch, json } = args;
     let mut probe = match preset.as_str() {
         "standard" => ProbeConfig::standard(),
         "moco" => ProbeConfig::moco(),
@@ -786,7 +819,16 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
     if let Some(e) = epochs {
         probe = probe.with_epochs(e);
     }
-    let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
+    if let Some(wd) = weight_decay {
+        if !(wd.is_finite() && wd >= 0.0) {
+            anyhow::bail!("--weight-decay {wd}: expected a finite value >= 0")
+        }
+        probe.weight_decay = wd;
+    }
+    let mut setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
+    if let Some(n) = holdout {
+        hold_out(&mut setup, n)?;
+    }
     let mut rows = Vec::new();
     for (name, train_f, test_f, secs) in feature_sets(&setup, baselines, pooling, batch)? {
         let t0 = Instant::now();
@@ -794,11 +836,12 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         rows.push((name, r, secs + t0.elapsed().as_secs_f64()));
     }
     println!(
-        "linear probe ({preset}, {} epochs) on {} ({} training images, {} test images; input {} px, {pooling}), %:",
+        "linear probe ({preset}, {} epochs) on {} ({} training images, {} {}; input {} px, {pooling}), %:",
         probe.epochs,
         setup.cfg.data.path.display(),
         setup.train.len(),
         setup.test.len(),
+        if holdout.is_some() { "held-out training images" } else { "test images" },
         setup.transform.size
     );
     println!("| features    | top-1 | top-5 | train top-1 |");
@@ -808,7 +851,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
     }
     let value = serde_json::json!({
         "preset": preset, "probe": probe, "train": setup.train.len(), "test": setup.test.len(), "size": setup.transform.size,
-        "pooling": pooling.to_string(), "unseen_test_classes": setup.unseen,
+        "pooling": pooling.to_string(), "holdout": holdout.is_some(), "unseen_test_classes": setup.unseen,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("linear.json")), &value)

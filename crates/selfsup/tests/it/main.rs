@@ -145,6 +145,16 @@ fn pretrain_resume_and_knn_end_to_end() {
     assert_eq!(json["pooling"], "2x2 grid of the final map");
     let o = selfsup(&[&args[..], &["3"]].concat());
     assert_fails_with(&o, &["3x3 grid does not fit the 2x2 feature map"]);
+    let o = selfsup(&[&args[..], &["2", "--weight-decay=-1"]].concat());
+    assert_fails_with(&o, &["--weight-decay -1: expected a finite value >= 0"]);
+    // A validation split cut from the end of the training split (96 images here).
+    let o = selfsup(&[&args[..], &["2", "--holdout", "32", "--json", grid_json.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("64 training images, 32 held-out training images"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&grid_json).unwrap()).unwrap();
+    assert_eq!((&json["train"], &json["test"], &json["holdout"]), (&64.into(), &32.into(), &true.into()));
+    let o = selfsup(&[&args[..], &["2", "--holdout", "96"]].concat());
+    assert_fails_with(&o, &["--holdout 96: expected 1 to 95 (the training split has 96 images)"]);
 
     let args = ["eval", "finetune", "--checkpoint", out.to_str().unwrap(), "--preset", "fmnist"];
     let o = selfsup(
