@@ -680,8 +680,7 @@ fn eval_setup(
         test.labels().context("the test split has no labels")?,
     );
     let num_classes = train.num_classes().max(test.num_classes());
-    let seen: std::collections::BTreeSet<u32> = train_labels.iter().copied().collect();
-    let unseen = test_labels.iter().filter(|l| !seen.contains(l)).collect::<std::collections::BTreeSet<_>>().len();
+    let unseen = unseen_classes(&train_labels, &test_labels);
     if unseen > 0 {
         eprintln!("note: {unseen} test class(es) do not occur in the training split; they count as errors");
     }
@@ -695,6 +694,12 @@ fn eval_setup(
     Ok(EvalSetup { cfg, backbone, train, test, train_labels, test_labels, num_classes, unseen, transform })
 }
 
+/// Classes among `scored` labels that never occur in `fitted` ones (they count as errors).
+fn unseen_classes(fitted: &[u32], scored: &[u32]) -> usize {
+    let seen: std::collections::BTreeSet<u32> = fitted.iter().copied().collect();
+    scored.iter().filter(|l| !seen.contains(l)).collect::<std::collections::BTreeSet<_>>().len()
+}
+
 /// Replaces the test split with the last `n` training images, which leave the training split.
 fn hold_out(s: &mut EvalSetup, n: usize) -> Result<()> {
     let len = s.train.len();
@@ -705,9 +710,7 @@ fn hold_out(s: &mut EvalSetup, n: usize) -> Result<()> {
     s.test = selfsup_data::source::skip(s.train.clone(), keep);
     s.train = take(s.train.clone(), keep);
     s.test_labels = s.train_labels.split_off(keep);
-    let seen: std::collections::BTreeSet<u32> = s.train_labels.iter().copied().collect();
-    let unseen: std::collections::BTreeSet<u32> = s.test_labels.iter().filter(|l| !seen.contains(l)).copied().collect();
-    s.unseen = unseen.len();
+    s.unseen = unseen_classes(&s.train_labels, &s.test_labels);
     if s.unseen > 0 {
         eprintln!("note: {} held-out class(es) do not occur in the rest of the training split", s.unseen);
     }
