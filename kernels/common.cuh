@@ -18,7 +18,7 @@ struct f16 { unsigned short bits; };
 #include "host_emulation.h"
 #else
 #define SMEM(T) (reinterpret_cast<T*>(selfsup_smem))
-extern __shared__ unsigned char selfsup_smem[];
+extern __shared__ __attribute__((aligned(16))) unsigned char selfsup_smem[];
 #define EMU_UNPAREN(...) __VA_ARGS__
 #define ENTRY(name, params, args, body) \
     extern "C" __global__ void name(EMU_UNPAREN params) { body args; }

@@ -2,9 +2,6 @@
 //! `kernels/host_emulation.h`), the attention file once per emulated head dim. Without it this
 //! script does nothing: the CUDA path compiles the sources at run time through NVRTC.
 
-/// Head dims of the emulated attention kernels; `emulation::EMULATED_HEAD_DIMS` must match.
-const EMULATED_HEAD_DIMS: [usize; 3] = [4, 8, 16];
-
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     for f in ["common.cuh", "host_emulation.h", "sparse.cu", "dwconv.cu", "attention.cu"] {
@@ -13,6 +10,11 @@ fn main() {
     #[cfg(feature = "host-emulation")]
     emulate();
 }
+
+/// Head dims of the emulated attention kernels; `emulation::EMULATED_HEAD_DIMS` must match
+/// (a missing one fails to link).
+#[cfg(feature = "host-emulation")]
+const EMULATED_HEAD_DIMS: [usize; 3] = [4, 8, 16];
 
 #[cfg(feature = "host-emulation")]
 fn emulate() {

@@ -53,6 +53,12 @@ fn ci() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     tidy()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--release", "--", "-D", "warnings"]))?;
+    // The CUDA launch code builds without a CUDA toolkit (cudarc loads its libraries at run
+    // time); its NVRTC test compiles every kernel when libnvrtc is on LD_LIBRARY_PATH (.ci/run
+    // installs it and sets SELFSUP_REQUIRE_NVRTC, so there it cannot skip).
+    let kernels = ["-p", "selfsup-kernels", "--features", "cuda,host-emulation", "--release"];
+    run(cargo().arg("clippy").args(kernels).args(["--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().arg("test").args(kernels))?;
     run(cargo().args(["test", "--workspace", "--release"]))
 }
 

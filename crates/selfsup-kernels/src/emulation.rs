@@ -11,8 +11,8 @@
 use std::ffi::c_void;
 
 use crate::launch::{
-    attention_kv_resident, attention_q_resident, bucket_pairs, chunked_sum, elementwise, AttnDims, Dim3, DwGeom,
-    Launch,
+    attention_kv_resident, attention_q_resident, bucket_pairs, check_len, check_pos, chunked_sum, elementwise,
+    AttnDims, Dim3, DwGeom, Launch,
 };
 use crate::source::{Dtype, Element};
 use crate::KernelError;
@@ -71,17 +71,17 @@ macro_rules! by_dtype {
 mod ffi {
     use super::*;
 
-by_dtype! {
-    sparse_dw_fwd: SparseFwd,
-    sparse_dw_wgrad_partial: SparsePartial,
-    sparse_dw_wgrad_reduce: Reduce,
-    gather_rows: Rows,
-    scatter_rows: Rows,
-    dw_fwd: DwFwd,
-    dw_dx: DwDx,
-    dw_wgrad_partial: DwPartial,
-    dw_wgrad_reduce: Reduce,
-}
+    by_dtype! {
+        sparse_dw_fwd: SparseFwd,
+        sparse_dw_wgrad_partial: SparsePartial,
+        sparse_dw_wgrad_reduce: Reduce,
+        gather_rows: Rows,
+        scatter_rows: Rows,
+        dw_fwd: DwFwd,
+        dw_dx: DwDx,
+        dw_wgrad_partial: DwPartial,
+        dw_wgrad_reduce: Reduce,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -165,14 +165,6 @@ fn opt<T>(s: Option<&[T]>) -> V {
     s.map_or(std::ptr::null(), |s| s.as_ptr() as V)
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<(), KernelError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(KernelError::Shape(format!("{what}: {got} elements, expected {want}")))
-    }
-}
-
 fn i(v: usize) -> i32 {
     v as i32
 }
@@ -226,7 +218,20 @@ pub fn sparse_dw_wgrad<T: Element>(
     let (mut dw, mut db) = (vec![T::default(); c * taps], vec![T::default(); if with_bias { c } else { 0 }]);
     let (fp, fr) = (ffi::sparse_dw_wgrad_partial(T::DTYPE), ffi::sparse_dw_wgrad_reduce(T::DTYPE));
     go(s.partial, |g, b, sm| unsafe {
-        fp(g, b, sm, ptr(dy), ptr(x), nb.as_ptr(), partial.as_mut_ptr(), i(n), i(c), i(taps), s.rows as i32, s.chunk as i32)
+        fp(
+            g,
+            b,
+            sm,
+            ptr(dy),
+            ptr(x),
+            nb.as_ptr(),
+            partial.as_mut_ptr(),
+            i(n),
+            i(c),
+            i(taps),
+            s.rows as i32,
+            s.chunk as i32,
+        )
     });
     let db_ptr = if with_bias { db.as_mut_ptr() as M } else { std::ptr::null_mut() };
     go(s.reduce, |g, b, sm| unsafe {
@@ -272,7 +277,9 @@ pub fn dw_fwd<T: Element>(x: &[T], w: &[T], bias: Option<&[T]>, geom: DwGeom) ->
     }
     let mut out = vec![T::default(); geom.out_len()];
     let f = ffi::dw_fwd(T::DTYPE);
-    go(elementwise(geom.out_len()), |g, b, s| unsafe { f(g, b, s, ptr(x), ptr(w), opt(bias), out.as_mut_ptr() as M, geom) });
+    go(elementwise(geom.out_len()), |g, b, s| unsafe {
+        f(g, b, s, ptr(x), ptr(w), opt(bias), out.as_mut_ptr() as M, geom)
+    });
     Ok(out)
 }
 
@@ -322,30 +329,8 @@ pub struct Pos<'a> {
 
 impl Pos<'_> {
     fn check(&self, a: &AttnDims, d: usize) -> Result<(), KernelError> {
-        let pairs = (a.lq * a.lk) as usize;
-        if let Some(b) = self.bias {
-            check_len("attention bias", b.len(), a.pairs())?;
-        }
-        match (self.mask, a.n_masks) {
-            (None, 0) => {}
-            (Some(m), n) if n > 0 && a.g % n == 0 => check_len("attention mask", m.len(), n as usize * pairs)?,
-            _ => return Err(KernelError::Shape(format!("attention: mask given with n_masks {}", a.n_masks))),
-        }
-        match (self.table, self.buckets, a.table_heads) {
-            (None, None, 0) => {}
-            (Some(t), Some(b), th) if th == 1 || th == a.h => {
-                check_len("attention ctx table", t.len(), th as usize * d * a.n_buckets as usize)?;
-                check_len("attention buckets", b.len(), pairs)?;
-                bucket_pairs(b, a.n_buckets as usize)?;
-            }
-            _ => {
-                return Err(KernelError::Shape(format!(
-                    "attention: a contextual table needs its buckets and table_heads 1 or {} (got {})",
-                    a.h, a.table_heads
-                )))
-            }
-        }
-        Ok(())
+        let len = |s: Option<&[f32]>| s.map(|s| s.len());
+        check_pos(a, d, len(self.bias), len(self.mask), len(self.table), self.buckets)
     }
 }
 
@@ -423,10 +408,41 @@ pub fn attention_bwd<T: Element>(
     let fdq: AttDq = unsafe { attention(Att::Dq, dt, d)? };
     let fdkv: AttDkv = unsafe { attention(Att::Dkv, dt, d)? };
     go(lkv, |g, b, s| unsafe {
-        fdq(g, b, s, ptr(q_src), ptr(kv_src), bias, mask, table, buckets, ptr(out), ptr(dout), lse.as_ptr(), delta.as_mut_ptr(), dq_ptr, a)
+        fdq(
+            g,
+            b,
+            s,
+            ptr(q_src),
+            ptr(kv_src),
+            bias,
+            mask,
+            table,
+            buckets,
+            ptr(out),
+            ptr(dout),
+            lse.as_ptr(),
+            delta.as_mut_ptr(),
+            dq_ptr,
+            a,
+        )
     });
     go(lq_, |g, b, s| unsafe {
-        fdkv(g, b, s, ptr(q_src), ptr(kv_src), bias, mask, table, buckets, ptr(dout), lse.as_ptr(), delta.as_ptr(), dkv_ptr, a)
+        fdkv(
+            g,
+            b,
+            s,
+            ptr(q_src),
+            ptr(kv_src),
+            bias,
+            mask,
+            table,
+            buckets,
+            ptr(dout),
+            lse.as_ptr(),
+            delta.as_ptr(),
+            dkv_ptr,
+            a,
+        )
     });
     let (mut dbias, mut dtable) = (None, None);
     if pos.bias.is_some() || pos.table.is_some() {
@@ -436,7 +452,23 @@ pub fn attention_bwd<T: Element>(
         let db_ptr = if pos.bias.is_some() { db.as_mut_ptr() } else { std::ptr::null_mut() };
         let pt_ptr = if pos.table.is_some() { pair_t.as_mut_ptr() } else { std::ptr::null_mut() };
         go(elementwise(a.pairs()), |g, b, s| unsafe {
-            fp(g, b, s, ptr(q_src), ptr(kv_src), bias, mask, table, buckets, ptr(dout), lse.as_ptr(), delta.as_ptr(), db_ptr, pt_ptr, a)
+            fp(
+                g,
+                b,
+                s,
+                ptr(q_src),
+                ptr(kv_src),
+                bias,
+                mask,
+                table,
+                buckets,
+                ptr(dout),
+                lse.as_ptr(),
+                delta.as_ptr(),
+                db_ptr,
+                pt_ptr,
+                a,
+            )
         });
         if pos.bias.is_some() {
             dbias = Some(db);
@@ -459,4 +491,3 @@ pub fn attention_bwd<T: Element>(
 pub fn has_head_dim(d: usize) -> bool {
     EMULATED_HEAD_DIMS.contains(&d)
 }
-

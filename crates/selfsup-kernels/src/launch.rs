@@ -128,7 +128,9 @@ impl DwGeom {
         }
         let (hp, wp) = (h + 2 * pad, w + 2 * pad);
         if hp < kh || wp < kw {
-            return Err(KernelError::Shape(format!("depthwise conv: kernel {kh}x{kw} larger than padded input {hp}x{wp}")));
+            return Err(KernelError::Shape(format!(
+                "depthwise conv: kernel {kh}x{kw} larger than padded input {hp}x{wp}"
+            )));
         }
         let (ho, wo) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
         let big = [b * h * w * ci, b * ho * wo * ci * mult];
@@ -256,7 +258,13 @@ fn row_block(rows: usize) -> u32 {
     (rows.div_ceil(32) * 32).clamp(32, 256) as u32
 }
 
-fn per_window(a: &AttnDims, rows: usize, smem_floats: usize, smem_limit: u32, what: &str) -> Result<Launch, KernelError> {
+fn per_window(
+    a: &AttnDims,
+    rows: usize,
+    smem_floats: usize,
+    smem_limit: u32,
+    what: &str,
+) -> Result<Launch, KernelError> {
     let smem = smem_floats * 4;
     if smem > smem_limit as usize {
         return Err(KernelError::Shape(format!(
@@ -303,6 +311,57 @@ pub fn bucket_pairs(buckets: &[u32], n_buckets: usize) -> Result<(Vec<u32>, Vec<
     Ok((start, pairs))
 }
 
+/// Errors unless a buffer holds `want` elements.
+pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<(), KernelError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(KernelError::Shape(format!("{what}: {got} elements, expected {want}")))
+    }
+}
+
+/// Checks the positional terms of an attention call against its dims: the lengths of the bias
+/// (h, lq, lk), the window mask (n_masks, lq, lk) and the contextual table (table_heads, d,
+/// n_buckets), and the buckets (lq * lk, each below n_buckets).
+pub(crate) fn check_pos(
+    a: &AttnDims,
+    d: usize,
+    bias: Option<usize>,
+    mask: Option<usize>,
+    table: Option<usize>,
+    buckets: Option<&[u32]>,
+) -> Result<(), KernelError> {
+    let pairs = (a.lq * a.lk) as usize;
+    if let Some(b) = bias {
+        check_len("attention bias", b, a.pairs())?;
+    }
+    match (mask, a.n_masks) {
+        (None, 0) => {}
+        (Some(m), n) if n > 0 && a.g % n == 0 => check_len("attention mask", m, n as usize * pairs)?,
+        _ => {
+            return Err(KernelError::Shape(format!(
+                "attention: a window mask needs n_masks > 0 dividing the {} windows (n_masks {})",
+                a.g, a.n_masks
+            )))
+        }
+    }
+    match (table, buckets, a.table_heads) {
+        (None, None, 0) => {}
+        (Some(t), Some(b), th) if th == 1 || th == a.h => {
+            check_len("attention ctx table", t, th as usize * d * a.n_buckets as usize)?;
+            check_len("attention buckets", b.len(), pairs)?;
+            bucket_pairs(b, a.n_buckets as usize)?;
+        }
+        _ => {
+            return Err(KernelError::Shape(format!(
+                "attention: a contextual table needs its buckets and table_heads 1 or {} (got {})",
+                a.h, a.table_heads
+            )))
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,7 +398,7 @@ mod tests {
         for (items, channels, rows) in [(1, 1, 1), (63, 5, 50), (64, 40, 10), (1000, 96, 50), (300_000_000, 8, 2)] {
             let s = chunked_sum(items, channels, rows).unwrap();
             let p = s.partial;
-            assert!(p.block.x % 32 == 0 && p.block.x <= 1024);
+            assert!(p.block.x.is_multiple_of(32) && p.block.x <= 1024);
             assert!(p.grid.y as usize == rows && p.grid.z <= MAX_GRID_YZ);
             assert!(p.grid.x as usize * p.block.x as usize >= channels, "channels covered");
             // The chunks tile the items: the last chunk starts inside, the one after is past.

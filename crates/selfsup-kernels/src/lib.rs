@@ -36,7 +36,8 @@
 //! let w = stream.clone_htod(&[1f32; 36])?;
 //! let nb = stream.clone_htod(&nb)?;
 //! let mut y = stream.alloc_zeros::<f32>(8)?;
-//! kernels.sparse_dw_fwd(&stream, &x, &w, None, &nb, &mut y, 2, 4, 9, false)?;
+//! let (x, w, nb) = (x.as_view(), w.as_view(), nb.as_view());
+//! kernels.sparse_dw_fwd(&stream, &x, &w, None, &nb, &mut y.as_view_mut(), 2, 4, 9, false)?;
 //! assert_eq!(stream.clone_dtoh(&y)?, vec![2f32; 8]);
 //! # Ok(()) }
 //! # #[cfg(not(feature = "cuda"))]
