@@ -4,12 +4,15 @@
 //! cargo xtask ci      fmt check, repository rules, clippy -D warnings, tests (release profile)
 //! cargo xtask demo    BYOL pretraining on Fashion-MNIST + kNN, linear-probe and fine-tuning tables, report (the README's main job)
 //! cargo xtask bench   criterion benches, PyTorch on the same ops and training steps, then a summary table
+//! cargo xtask gpu     builds the CUDA test and bench binaries for a GPU machine (see gpu.rs)
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+mod gpu;
 
 const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 const DEMO_CONFIG: &str = "configs/byol_resnet18_fmnist_demo.toml";
@@ -21,8 +24,9 @@ fn main() {
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("tidy") => tidy(),
+        Some("gpu") => gpu::gpu(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci | demo | bench [criterion filter] | tidy>");
+            eprintln!("usage: cargo xtask <ci | demo | bench [criterion filter] | gpu [--toolchain] | tidy>");
             std::process::exit(2);
         }
     };

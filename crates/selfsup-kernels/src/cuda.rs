@@ -33,15 +33,26 @@ unsafe impl DeviceRepr for DwGeom {}
 unsafe impl DeviceRepr for AttnDims {}
 
 /// Whether libnvrtc can be loaded (enough to compile the kernels, e.g. in CI without a GPU).
+/// Always true with feature `linked`, where the binary does not start without it.
 pub fn nvrtc_available() -> bool {
+    #[cfg(feature = "linked")]
+    return true;
     // SAFETY: only probes whether the shared library can be opened.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    #[cfg(not(feature = "linked"))]
+    unsafe {
+        cudarc::nvrtc::sys::is_culib_present()
+    }
 }
 
 /// Whether libcuda and libnvrtc can both be loaded (a GPU may still be absent).
 pub fn available() -> bool {
+    #[cfg(feature = "linked")]
+    return true;
     // SAFETY: only probes whether the shared library can be opened.
-    nvrtc_available() && unsafe { cudarc::driver::sys::is_culib_present() }
+    #[cfg(not(feature = "linked"))]
+    unsafe {
+        nvrtc_available() && cudarc::driver::sys::is_culib_present()
+    }
 }
 
 /// NVRTC-compiles one module for `arch` (e.g. "sm_90"). Needs libnvrtc, not a GPU.

@@ -207,7 +207,15 @@ struct Attention {
     /// Whether the q and kv sources are one tensor (`qkv`).
     fused: bool,
     /// Log-sum-exp of every row, (g, h, lq); written by the forward, read by the backward.
-    lse: Arc<Mutex<Option<Arc<Vec<f32>>>>>,
+    lse: Arc<Mutex<Option<Lse>>>,
+}
+
+/// The forward's row statistics, where the forward ran.
+#[derive(Clone)]
+enum Lse {
+    Cpu(Arc<Vec<f32>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>),
 }
 
 impl CustomOp3 for Attention {
@@ -267,8 +275,49 @@ impl CustomOp3 for Attention {
                 }
             },
         );
-        *self.lse.lock().expect("attention lse lock") = Some(Arc::new(lse));
+        *self.lse.lock().expect("attention lse lock") = Some(Lse::Cpu(Arc::new(lse)));
         Ok((CpuStorage::F32(out), Shape::from((d.g, d.lq, d.h, d.d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{err, kernels, same_dtype, view, with_float, zeros};
+        let what = "window-attention";
+        let d = self.d;
+        let dev = s1.device.clone();
+        let k = kernels(&dev)?;
+        let a = self.kernel_dims();
+        let mask = self.mask_upload(&dev)?;
+        let mut lse = zeros::<f32>(&dev, a.rows())?;
+        let out = with_float!(same_dtype(what, &[s1, s2])?, what, |T| {
+            let mut out = zeros::<T>(&dev, a.out_len(d.d))?;
+            let (q, kv) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
+            let p = view::<f32>(s3, l3, what)?;
+            let pos = self.dev_pos(&p, mask.as_ref());
+            let (n_out, n_lse) = (a.out_len(d.d), a.rows());
+            k.attention_fwd(
+                &dev.cuda_stream(),
+                &q,
+                &kv,
+                &pos,
+                a,
+                d.d,
+                &mut out.slice_mut(0..n_out),
+                &mut lse.slice_mut(0..n_lse),
+            )
+            .map_err(err)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        *self.lse.lock().expect("attention lse lock") = Some(Lse::Cuda(Arc::new(lse)));
+        Ok((out, Shape::from((d.g, d.lq, d.h, d.d))))
     }
 
     fn bwd(
@@ -286,6 +335,12 @@ impl CustomOp3 for Attention {
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("window_attention: backward before forward".into()))?;
         let grad = grad.contiguous()?;
+        #[allow(clippy::infallible_destructuring_match)] // a second variant with feature `cuda`
+        let lse = match lse {
+            Lse::Cpu(l) => l,
+            #[cfg(feature = "cuda")]
+            Lse::Cuda(l) => return self.cuda_backward(q_src, kv_src, pos, res, &grad, &l),
+        };
         let (dq, dkv, dpos) = {
             let (sq, lq_) = q_src.storage_and_layout();
             let (skv, lkv) = kv_src.storage_and_layout();
@@ -309,6 +364,133 @@ impl CustomOp3 for Attention {
         }
         let dkv = Tensor::from_vec(dkv, kv_src.shape(), dev)?;
         Ok((Some(Tensor::from_vec(dq, q_src.shape(), dev)?), Some(dkv), Some(dpos)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    /// The call's sizes and scalars as selfsup-kernels takes them.
+    fn kernel_dims(&self) -> selfsup_kernels::launch::AttnDims {
+        let d = self.d;
+        let i = |v: usize| v as i32;
+        let (th, nb) = self.pos.table.unwrap_or((0, 0));
+        selfsup_kernels::launch::AttnDims {
+            g: i(d.g),
+            lq: i(d.lq),
+            lk: i(d.lk),
+            h: i(d.h),
+            sq: i(d.sq),
+            qs: i(d.qs),
+            skv: i(d.skv),
+            ks: i(d.ks),
+            vs: i(d.vs),
+            scale: self.scale,
+            n_masks: self.pos.mask.as_ref().map_or(0, |(n, _)| i(*n)),
+            table_heads: i(th),
+            n_buckets: i(nb),
+            ctx_scale: self.pos.ctx_scale,
+        }
+    }
+
+    fn mask_upload(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>> {
+        self.pos
+            .mask
+            .as_ref()
+            .map(|(_, m)| dev.cuda_stream().clone_htod(m.as_slice()))
+            .transpose()
+            .map_err(|e| candle_core::Error::Msg(format!("window_attention: uploading the mask: {e:?}")))
+    }
+
+    /// The positional terms as device views: the bias and the table are slices of the packed
+    /// `pos` tensor, the mask an upload, the buckets stay on the host.
+    fn dev_pos<'a>(
+        &'a self,
+        packed: &'a candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>,
+        mask: Option<&'a candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>,
+    ) -> selfsup_kernels::cuda::DevPos<'a> {
+        let d = self.d;
+        let bias_len = self.pos.bias_len(&d);
+        selfsup_kernels::cuda::DevPos {
+            bias: self.pos.bias.then(|| packed.slice(0..bias_len)),
+            mask: mask.map(|m| m.as_view()),
+            table: self.pos.table.map(|_| packed.slice(bias_len..self.pos.len(&d))),
+            buckets: self.pos.table.map(|_| self.pos.buckets.as_slice()),
+        }
+    }
+
+    /// The backward on the GPU: the flash-style kernels of selfsup-kernels from the saved
+    /// log-sum-exp. Returns the gradients of the q source, the kv source and the packed terms.
+    fn cuda_backward(
+        &self,
+        q_src: &Tensor,
+        kv_src: &Tensor,
+        pos: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        lse: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::cuda::{err, kernels, view, with_float, zeros};
+        use candle_core::backend::BackendStorage;
+        use candle_core::Storage;
+        let what = "window_attention backward";
+        let d = self.d;
+        let a = self.kernel_dims();
+        let (sq, lq_) = q_src.storage_and_layout();
+        let (skv, lkv) = kv_src.storage_and_layout();
+        let (sp, lp) = pos.storage_and_layout();
+        let (so, lo) = res.storage_and_layout();
+        let (sg, lg) = grad.storage_and_layout();
+        fn cuda(s: &Storage) -> Result<&candle_core::CudaStorage> {
+            match s {
+                Storage::Cuda(c) => Ok(c),
+                _ => candle_core::bail!("window_attention backward: inputs on different devices"),
+            }
+        }
+        let (sq, skv, sp, so, sg) = (cuda(&sq)?, cuda(&skv)?, cuda(&sp)?, cuda(&so)?, cuda(&sg)?);
+        let dev = sq.device.clone();
+        let k = kernels(&dev)?;
+        let mask = self.mask_upload(&dev)?;
+        let plen = self.pos.len(&d);
+        let bias_len = self.pos.bias_len(&d);
+        let mut dpos = zeros::<f32>(&dev, plen)?;
+        let (ql, kvl) = a.src_lens(d.d);
+        let (dq, dkv) = with_float!(sq.dtype(), what, |T| {
+            let (q, kv) = (view::<T>(sq, lq_, what)?, view::<T>(skv, lkv, what)?);
+            let (o, g) = (view::<T>(so, lo, what)?, view::<T>(sg, lg, what)?);
+            let p = view::<f32>(sp, lp, what)?;
+            let dp = self.dev_pos(&p, mask.as_ref());
+            let mut dq = zeros::<T>(&dev, ql)?;
+            let mut dkv = zeros::<T>(&dev, if self.fused { 1 } else { kvl })?;
+            {
+                let mut dqv = dq.slice_mut(0..ql);
+                let mut dkvv = dkv.slice_mut(0..if self.fused { 0 } else { kvl });
+                let (mut dbias, mut dtable) = dpos.split_at_mut(bias_len);
+                let grads = selfsup_kernels::cuda::AttnGradsMut {
+                    dq_src: &mut dqv,
+                    dkv_src: (!self.fused).then_some(&mut dkvv),
+                    dbias: self.pos.bias.then_some(&mut dbias),
+                    dtable: self.pos.table.map(|_| &mut dtable),
+                };
+                k.attention_bwd(&dev.cuda_stream(), &q, &kv, &dp, &o, &g, &lse.as_view(), a, d.d, grads)
+                    .map_err(err)?;
+            }
+            (
+                candle_core::CudaStorage::wrap_cuda_slice(dq, dev.clone()),
+                candle_core::CudaStorage::wrap_cuda_slice(dkv, dev.clone()),
+            )
+        });
+        let tensor = |s: candle_core::CudaStorage, shape: &Shape| {
+            Tensor::from_storage(Storage::Cuda(s), shape.clone(), candle_core::op::BackpropOp::none(), false)
+        };
+        let dpos = tensor(candle_core::CudaStorage::wrap_cuda_slice(dpos, dev.clone()), pos.shape());
+        let dq = tensor(dq, q_src.shape());
+        if self.fused {
+            return Ok((Some(dq), None, Some(dpos)));
+        }
+        Ok((Some(dq), Some(tensor(dkv, kv_src.shape())), Some(dpos)))
     }
 }
 
@@ -579,7 +761,7 @@ pub fn window_attention_qkv(qkv: &Tensor, scale: f64, pos: &PositionBias) -> Res
     if three != 3 {
         candle_core::bail!("window_attention_qkv: axis 2 of qkv {:?} must be 3 (q, k, v)", qkv.shape())
     }
-    if !qkv.device().is_cpu() || qkv.dtype() != DType::F32 {
+    if !crate::has_kernel(qkv) {
         let part = |i| qkv.narrow(2, i, 1)?.squeeze(2);
         let out = window_attention_reference(&part(0)?, &part(1)?, &part(2)?, scale, pos)?;
         return Ok(out);
@@ -601,7 +783,7 @@ pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pos: &Po
     if (g2, h2, d2) != (g, h, d) || k.dims() != v.dims() {
         candle_core::bail!("window_attention: q {:?}, k {:?} and v {:?} do not match", q.shape(), k.shape(), v.shape())
     }
-    if !q.device().is_cpu() || q.dtype() != DType::F32 {
+    if !crate::has_kernel(q) {
         return window_attention_reference(q, k, v, scale, pos);
     }
     let q_src = q.unsqueeze(2)?;

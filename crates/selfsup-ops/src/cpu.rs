@@ -175,6 +175,37 @@ pub(crate) fn sum_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
 /// written once for both forms.
 macro_rules! impl_optional_bias_op {
     ($t:ty, $name:literal) => {
+        $crate::cpu::impl_optional_bias_op!(@impl $t, $name, {}, {});
+    };
+    // With `cuda`: the type's `cuda_forward(s1, l1, s2, l2, Option<(s3, l3)>)` serves CUDA.
+    ($t:ty, $name:literal, cuda) => {
+        $crate::cpu::impl_optional_bias_op!(@impl $t, $name, {
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                self.cuda_forward(s1, l1, s2, l2, None)
+            }
+        }, {
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CudaStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                self.cuda_forward(s1, l1, s2, l2, Some((s3, l3)))
+            }
+        });
+    };
+    (@impl $t:ty, $name:literal, {$($cuda2:tt)*}, {$($cuda3:tt)*}) => {
         impl candle_core::CustomOp2 for $t {
             fn name(&self) -> &'static str {
                 $name
@@ -190,6 +221,8 @@ macro_rules! impl_optional_bias_op {
                 let x = $crate::cpu::f32_slice(s1, l1, concat!($name, " x"))?;
                 self.forward(x, l1, $crate::cpu::f32_slice(s2, l2, concat!($name, " w"))?, None)
             }
+
+            $($cuda2)*
 
             fn bwd(
                 &self,
@@ -221,6 +254,8 @@ macro_rules! impl_optional_bias_op {
                 let w = $crate::cpu::f32_slice(s2, l2, concat!($name, " w"))?;
                 self.forward(x, l1, w, Some($crate::cpu::f32_slice(s3, l3, concat!($name, " bias"))?))
             }
+
+            $($cuda3)*
 
             fn bwd(
                 &self,

@@ -57,6 +57,14 @@ impl Dw {
         Ok(Dims { b, h, w, ci, co: ci * self.mult, ho, wo })
     }
 
+    /// The geometry selfsup-kernels' CUDA kernels take, for input shape `x`.
+    #[cfg(feature = "cuda")]
+    fn kernel_geom(&self, x: &Shape) -> Result<selfsup_kernels::launch::DwGeom> {
+        let (b, h, w, ci) = x.dims4()?;
+        selfsup_kernels::launch::DwGeom::new((b, h, w, ci), (self.kh, self.kw), self.mult, self.stride, self.padding)
+            .map_err(crate::cuda::err)
+    }
+
     /// Input coordinate of output position `o` at tap `k`, if it lies inside the input.
     #[inline(always)]
     fn src(&self, o: usize, k: usize, n: usize) -> Option<usize> {
@@ -445,8 +453,7 @@ impl DwConv {
         let dx = grad.apply_op2_no_bwd(w, &DwInputGrad { g, x_shape: x.shape().clone() })?;
         let dwb = grad.apply_op2_no_bwd(x, &DwWeightGrad { g, with_bias })?;
         let (kh, kw, co) = (g.kh, g.kw, w.dim(0)?);
-        // (taps, co) -> (co, 1, kh, kw)
-        let dw = dwb.narrow(0, 0, kh * kw * co)?.reshape((kh * kw, co))?.t()?.reshape((co, 1, kh, kw))?;
+        let dw = dwb.narrow(0, 0, kh * kw * co)?.reshape((co, 1, kh, kw))?;
         let mut out = vec![dx, dw];
         if with_bias {
             out.push(dwb.narrow(0, kh * kw * co, co)?);
@@ -455,7 +462,36 @@ impl DwConv {
     }
 }
 
-crate::cpu::impl_optional_bias_op!(DwConv, "depthwise-conv2d-nhwc");
+#[cfg(feature = "cuda")]
+impl DwConv {
+    fn cuda_forward(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        bias: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{err, kernels, same_dtype, view, with_float, zeros};
+        let what = "depthwise-conv2d-nhwc";
+        let geom = self.0.kernel_geom(l1.shape())?;
+        let dev = s1.device.clone();
+        let k = kernels(&dev)?;
+        let mut all = vec![s1, s2];
+        all.extend(bias.map(|b| b.0));
+        with_float!(same_dtype(what, &all)?, what, |T| {
+            let mut out = zeros::<T>(&dev, geom.out_len())?;
+            let (x, w) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
+            let b = bias.map(|(s, l)| view::<T>(s, l, what)).transpose()?;
+            k.dw_fwd(&dev.cuda_stream(), &x, &w, b.as_ref(), &mut out.slice_mut(0..geom.out_len()), geom)
+                .map_err(err)?;
+            let shape = Shape::from((geom.b as usize, geom.ho as usize, geom.wo as usize, geom.co as usize));
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), shape))
+        })
+    }
+}
+
+crate::cpu::impl_optional_bias_op!(DwConv, "depthwise-conv2d-nhwc", cuda);
 
 /// dy (b, ho, wo, co), w (co, 1, kh, kw) -> dx (b, h, w, ci).
 struct DwInputGrad {
@@ -493,9 +529,31 @@ impl CustomOp2 for DwInputGrad {
         });
         Ok((CpuStorage::F32(dx), self.x_shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{err, kernels, same_dtype, view, with_float, zeros};
+        let what = "depthwise-conv2d-nhwc-dx";
+        let geom = self.g.kernel_geom(&self.x_shape)?;
+        let dev = s1.device.clone();
+        let k = kernels(&dev)?;
+        with_float!(same_dtype(what, &[s1, s2])?, what, |T| {
+            let mut dx = zeros::<T>(&dev, geom.in_len())?;
+            let (dy, w) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
+            k.dw_dx(&dev.cuda_stream(), &dy, &w, &mut dx.slice_mut(0..geom.in_len()), geom).map_err(err)?;
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(dx, dev), self.x_shape.clone()))
+        })
+    }
 }
 
-/// dy (b, ho, wo, co), x (b, h, w, ci) -> flat [dw (taps, co), db (co) if with_bias].
+/// dy (b, ho, wo, co), x (b, h, w, ci) -> flat [dw (co, taps) (PyTorch's layout), db (co) if
+/// with_bias].
 struct DwWeightGrad {
     g: Dw,
     with_bias: bool,
@@ -515,13 +573,42 @@ impl CustomOp2 for DwWeightGrad {
         // keep the gradient the same whatever the machine.
         let (per, row, img) = (WGRAD_ROWS, d.wo * d.co, d.h * d.w * d.ci);
         let blocks = d.ho.div_ceil(per);
-        let acc = crate::cpu::par_accumulate_with(d.b * blocks, len, Vec::new, |t, pad, acc| {
+        let mut acc = crate::cpu::par_accumulate_with(d.b * blocks, len, Vec::new, |t, pad, acc| {
             let (bi, r0) = (t / blocks, (t % blocks) * per);
             let r1 = (r0 + per).min(d.ho);
             let dy_rows = &dy[(bi * d.ho + r0) * row..(bi * d.ho + r1) * row];
             wgrad_rows(g, d, &x[bi * img..][..img], dy_rows, r0, r1, self.with_bias, acc, pad);
         });
+        // Accumulated taps-major (contiguous channels per tap); returned channel-major.
+        let taps = g.kh * g.kw;
+        let dw = crate::sparse::taps_major_to_pytorch(&acc[..taps * d.co], d.co, taps);
+        acc[..taps * d.co].copy_from_slice(&dw);
         Ok((CpuStorage::F32(acc), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{err, kernels, same_dtype, view, with_float, zeros};
+        let what = "depthwise-conv2d-nhwc-dw";
+        let geom = self.g.kernel_geom(l2.shape())?;
+        let (co, taps) = (geom.co as usize, geom.taps());
+        let len = taps * co + if self.with_bias { co } else { 0 };
+        let dev = s1.device.clone();
+        let k = kernels(&dev)?;
+        with_float!(same_dtype(what, &[s1, s2])?, what, |T| {
+            let mut out = zeros::<T>(&dev, len)?;
+            let (dy, x) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
+            let (mut dw, mut db) = out.split_at_mut(taps * co);
+            let db = if self.with_bias { Some(&mut db) } else { None };
+            k.dw_wgrad(&dev.cuda_stream(), &dy, &x, &mut dw, db, geom).map_err(err)?;
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
+        })
     }
 }
 
@@ -578,6 +665,13 @@ pub fn depthwise_conv2d_nhwc(
     padding: usize,
 ) -> Result<Tensor> {
     let g = geometry(xs, weight, bias, stride, padding)?;
+    if xs.device().is_cuda() && crate::has_kernel(xs) {
+        let (x, w) = (xs.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, DwConv(g)),
+            None => x.apply_op2(&w, DwConv(g)),
+        };
+    }
     if !xs.device().is_cpu() {
         return depthwise_conv2d_nhwc_reference(xs, weight, bias, stride, padding);
     }

@@ -30,6 +30,8 @@ pub mod attention;
 pub mod contrast;
 pub mod conv;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod dwconv;
 pub mod gelu;
 pub mod grn;
@@ -49,3 +51,15 @@ pub use conv::{conv2d_nhwc, conv2d_nhwc_reference};
 pub use pool::{avg_pool2d_nhwc, max_pool2d_nhwc};
 pub use resize::{interpolate_nhwc, Resize};
 pub use scatter::scatter_add_rows;
+
+/// Whether the ops with their own kernels run `x` through them: f32 on the CPU; f32, bf16 and
+/// f16 on a CUDA device when built with feature `cuda` (selfsup-kernels). Elsewhere they fall
+/// back to a composition of candle ops.
+pub(crate) fn has_kernel(x: &candle_core::Tensor) -> bool {
+    use candle_core::{DType, Device};
+    match x.device() {
+        Device::Cpu => x.dtype() == DType::F32,
+        Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16),
+        _ => false,
+    }
+}

@@ -164,7 +164,13 @@ impl SiteMap {
                 }
             }
         });
-        Ok(Neighbours { k, n: self.len(), idx: Arc::new(idx) })
+        Ok(Neighbours {
+            k,
+            n: self.len(),
+            idx: Arc::new(idx),
+            #[cfg(feature = "cuda")]
+            device: Default::default(),
+        })
     }
 
     /// (batch, h, w, 1) f32 tensor: 1 at visible positions, 0 at masked ones.
@@ -210,6 +216,9 @@ pub struct Neighbours {
     pub k: usize,
     pub n: usize,
     pub idx: Arc<Vec<u32>>,
+    /// `idx` on the GPU, uploaded by the first CUDA call and shared by every clone.
+    #[cfg(feature = "cuda")]
+    device: Arc<crate::cuda::DeviceCopy>,
 }
 
 multiversion! {
@@ -260,6 +269,17 @@ fn taps_major(w: &[f32], c: usize, taps: usize, flip: bool) -> Vec<f32> {
     out
 }
 
+/// (k*k, c) taps-major -> (c, k*k), PyTorch's layout of a depthwise weight.
+pub(crate) fn taps_major_to_pytorch(t: &[f32], c: usize, taps: usize) -> Vec<f32> {
+    let mut out = vec![0f32; t.len()];
+    for tap in 0..taps {
+        for ch in 0..c {
+            out[ch * taps + tap] = t[tap * c + ch];
+        }
+    }
+    out
+}
+
 fn sparse_conv(x: &[f32], wt: &[f32], bias: Option<&[f32]>, nb: &Neighbours, c: usize) -> Vec<f32> {
     let mut out = vec![0f32; nb.n * c];
     let taps = nb.k * nb.k;
@@ -287,7 +307,7 @@ impl SparseDw {
         let dx = grad.apply_op2_no_bwd(w, &SparseDwInputGrad(self.0.clone()))?;
         let dwb = grad.apply_op2_no_bwd(x, &SparseDwWeightGrad { nb: self.0.clone(), with_bias })?;
         let (c, k) = (x.dim(1)?, self.0.k);
-        let dw = dwb.narrow(0, 0, k * k * c)?.reshape((k * k, c))?.t()?.reshape((c, 1, k, k))?;
+        let dw = dwb.narrow(0, 0, k * k * c)?.reshape((c, 1, k, k))?;
         let mut out = vec![dx, dw];
         if with_bias {
             out.push(dwb.narrow(0, k * k * c, c)?);
@@ -296,7 +316,21 @@ impl SparseDw {
     }
 }
 
-crate::cpu::impl_optional_bias_op!(SparseDw, "sparse-depthwise-conv");
+#[cfg(feature = "cuda")]
+impl SparseDw {
+    fn cuda_forward(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        bias: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        sparse_cuda(&self.0, s1, l1, s2, l2, bias, false, "sparse-depthwise-conv")
+    }
+}
+
+crate::cpu::impl_optional_bias_op!(SparseDw, "sparse-depthwise-conv", cuda);
 
 /// dy (n, c), w (c, 1, k, k) -> dx (n, c).
 struct SparseDwInputGrad(Neighbours);
@@ -312,9 +346,62 @@ impl CustomOp2 for SparseDwInputGrad {
         let taps = self.0.k * self.0.k;
         Ok((CpuStorage::F32(sparse_conv(dy, &taps_major(w, c, taps, true), None, &self.0, c)), Shape::from((n, c))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        sparse_cuda(&self.0, s1, l1, s2, l2, None, true, "sparse-depthwise-conv-dx")
+    }
 }
 
-/// dy (n, c), x (n, c) -> flat [dw (taps, c), db (c) if with_bias].
+/// The sparse conv (or, with `flip`, its input gradient) on the GPU.
+#[cfg(feature = "cuda")]
+fn sparse_cuda(
+    nb: &Neighbours,
+    s1: &candle_core::CudaStorage,
+    l1: &Layout,
+    s2: &candle_core::CudaStorage,
+    l2: &Layout,
+    bias: Option<(&candle_core::CudaStorage, &Layout)>,
+    flip: bool,
+    what: &str,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use crate::cuda::{err, kernels, same_dtype, view, with_float, zeros};
+    let (n, c) = l1.shape().dims2()?;
+    let taps = nb.k * nb.k;
+    let dev = s1.device.clone();
+    let k = kernels(&dev)?;
+    let idx = nb.device.get(&dev, &nb.idx)?;
+    let mut all = vec![s1, s2];
+    all.extend(bias.map(|b| b.0));
+    let dt = same_dtype(what, &all)?;
+    with_float!(dt, what, |T| {
+        let mut out = zeros::<T>(&dev, n * c)?;
+        let (x, w) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
+        let b = bias.map(|(s, l)| view::<T>(s, l, what)).transpose()?;
+        k.sparse_dw_fwd(
+            &dev.cuda_stream(),
+            &x,
+            &w,
+            b.as_ref(),
+            &idx.as_view(),
+            &mut out.slice_mut(0..n * c),
+            n,
+            c,
+            taps,
+            flip,
+        )
+        .map_err(err)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c))))
+    })
+}
+
+/// dy (n, c), x (n, c) -> flat [dw (c, taps) (PyTorch's layout), db (c) if with_bias].
 struct SparseDwWeightGrad {
     nb: Neighbours,
     with_bias: bool,
@@ -330,10 +417,39 @@ impl CustomOp2 for SparseDwWeightGrad {
         let (dy, x) = (f32_slice(s1, l1, "sparse dw: dy")?, f32_slice(s2, l2, "sparse dw: x")?);
         let taps = self.nb.k * self.nb.k;
         let len = taps * c + if self.with_bias { c } else { 0 };
-        let acc = par_accumulate(n, len, |s, acc| {
+        let mut acc = par_accumulate(n, len, |s, acc| {
             sparse_wgrad_site(x, &dy[s * c..][..c], &self.nb.idx[s * taps..][..taps], c, self.with_bias, acc)
         });
+        // Accumulated taps-major (contiguous channels per tap); returned channel-major.
+        let dw = taps_major_to_pytorch(&acc[..taps * c], c, taps);
+        acc[..taps * c].copy_from_slice(&dw);
         Ok((CpuStorage::F32(acc), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{err, kernels, same_dtype, view, with_float, zeros};
+        let what = "sparse-depthwise-conv-dw";
+        let (n, c) = l1.shape().dims2()?;
+        let taps = self.nb.k * self.nb.k;
+        let len = taps * c + if self.with_bias { c } else { 0 };
+        let dev = s1.device.clone();
+        let k = kernels(&dev)?;
+        let idx = self.nb.device.get(&dev, &self.nb.idx)?;
+        with_float!(same_dtype(what, &[s1, s2])?, what, |T| {
+            let mut out = zeros::<T>(&dev, len)?;
+            let (dy, x) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
+            let (mut dw, mut db) = out.split_at_mut(taps * c);
+            let db = if self.with_bias { Some(&mut db) } else { None };
+            k.sparse_dw_wgrad(&dev.cuda_stream(), &dy, &x, &idx.as_view(), &mut dw, db, n, c, taps).map_err(err)?;
+            Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
+        })
     }
 }
 
@@ -378,7 +494,7 @@ fn check_sparse_args(x: &Tensor, nb: &Neighbours, weight: &Tensor, bias: Option<
 /// ```
 pub fn sparse_depthwise_conv(x: &Tensor, nb: &Neighbours, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     check_sparse_args(x, nb, weight, bias)?;
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !crate::has_kernel(x) {
         // Until the CUDA kernel lands: the same computation from candle ops through the map.
         return sparse_depthwise_conv_gather(x, nb, weight, bias);
     }
