@@ -207,6 +207,16 @@ status=0
 for t in kernels-gpu-tests ops-cuda-tests; do
   "$here/$t" --test-threads=1 2>&1 | tee "$out/$t.txt" || status=1
 done
+# compute-sanitizer (when the machine has one): out-of-bounds accesses and shared-memory races.
+san="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+if [ -n "$san" ]; then
+  for tool in memcheck racecheck; do
+    "$san" --tool "$tool" --error-exitcode 9 "$here/kernels-gpu-tests" --test-threads=1 > "$out/sanitizer-$tool.txt" 2>&1 \
+      && echo "compute-sanitizer $tool: clean" || { echo "compute-sanitizer $tool: errors (see $out/sanitizer-$tool.txt)"; status=1; }
+  done
+else
+  echo "compute-sanitizer not found: memcheck and racecheck not run"
+fi
 "$here/kernels-gpu-bench" "$out/selfsup-kernels.json" 2>&1 | tee "$out/bench.txt" || status=1
 "$py" "$here/torch_kernels_gpu.py" "$out/torch-kernels.json" "$out/selfsup-kernels.json" 2>&1 | tee -a "$out/bench.txt" || status=1
 exit $status

@@ -600,6 +600,35 @@ mod tests {
         SiteMap::from_visible(&vis, b, h, w).unwrap().upsample(up).unwrap()
     }
 
+    /// The gather map the CUDA kernels read (selfsup-kernels): every tap of every site names a
+    /// visible site at that offset or NONE, and the relation is symmetric (b is a's neighbour at
+    /// tap t iff a is b's at the mirrored tap), which is what lets the input gradient be a
+    /// gather with the flipped kernel, on the CPU and on the GPU.
+    #[test]
+    fn the_gather_map_points_at_visible_sites_and_is_symmetric() {
+        for (k, ratio) in [(3, 0.5), (7, 0.6), (5, 0.0)] {
+            let map = random_map(2, 4, 5, ratio, 2, k as u64);
+            let nb = map.neighbours(k).unwrap();
+            let (taps, r) = (k * k, (k / 2) as isize);
+            assert_eq!(nb.idx.len(), map.len() * taps);
+            for (a, row) in nb.idx.chunks(taps).enumerate() {
+                let s = map.sites()[a] as usize;
+                let (b, y, x) = (s / (map.h * map.w), ((s / map.w) % map.h) as isize, (s % map.w) as isize);
+                for (t, &j) in row.iter().enumerate() {
+                    let (ny, nx) = (y + (t / k) as isize - r, x + (t % k) as isize - r);
+                    let inside = ny >= 0 && nx >= 0 && (ny as usize) < map.h && (nx as usize) < map.w;
+                    let visible = inside && map.is_visible(b, ny as usize, nx as usize);
+                    assert_eq!(j != NONE, visible, "site {a}, tap {t}");
+                    if j != NONE {
+                        let d = map.sites()[j as usize] as usize;
+                        assert_eq!(d, (b * map.h + ny as usize) * map.w + nx as usize, "site {a}, tap {t}");
+                        assert_eq!(nb.idx[j as usize * taps + taps - 1 - t], a as u32, "symmetry at site {a}, tap {t}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn sparse_conv_equals_masked_dense_at_every_ratio() {
         for (i, &ratio) in [0.0, 0.6, 1.0].iter().enumerate() {
