@@ -18,7 +18,12 @@ METHODS.md describes them, written plainly:
 - CARE: BYOL + 5 BoTNet blocks on layer3 (4x4 at 64 px), con + con2 + 100 fea, EMA teacher.
 
 Usage: python3 benches/torch_train_step.py [out.json] (default target/criterion/torch-steps.json).
-Exits 0 with a message if torch or timm is missing.
+Exits 0 with a message if torch is missing (timm is needed by the ResNet steps only).
+
+On a GPU (issues 6 and 8), the peers of `gpu-steps` (benches/src/bin/gpu_steps.rs):
+SELFSUP_STEP_DEVICE=cuda SELFSUP_STEP_SIZE=224 SELFSUP_STEP_BATCH=128 runs FCMAE/ConvNeXt V2-atto
+(masked dense) and LoMaR/ViT-B/16 (4 windows of 7x7, iRPE) at 224 px instead of the five
+64 px steps, with a synchronize after every step; times are then the median step.
 """
 import copy
 import json
@@ -30,14 +35,18 @@ try:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    import timm
 except ImportError as e:
     print(f"torch_train_step.py: {e}; skipping the PyTorch column")
     sys.exit(0)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-B, S = 32, 64
-torch.set_num_threads(os.cpu_count() or 1)
+DEV = torch.device(os.environ.get("SELFSUP_STEP_DEVICE", "cpu"))
+B = int(os.environ.get("SELFSUP_STEP_BATCH", "32"))
+S = int(os.environ.get("SELFSUP_STEP_SIZE", "64"))
+if DEV.type == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+else:
+    torch.backends.cudnn.benchmark = True
 torch.manual_seed(0)
 
 
@@ -135,10 +144,10 @@ class Fcmae(nn.Module):
 
     def forward(self, imgs):
         n, g = imgs.shape[0], imgs.shape[2] // 32
-        noise = torch.randn(n, g * g)
+        noise = torch.randn(n, g * g, device=imgs.device)
         keep = int(g * g * 0.4)
         ids = torch.argsort(noise, 1)
-        mask = torch.ones(n, g * g)
+        mask = torch.ones(n, g * g, device=imgs.device)
         mask[:, :keep] = 0
         mask = torch.gather(mask, 1, torch.argsort(ids, 1))
         m = mask.reshape(n, 1, g, g)
@@ -213,10 +222,10 @@ class Lomar(nn.Module):
             tops, lefts = torch.randperm(g - ws + 1)[: self.nw], torch.randperm(g - ws + 1)[: self.nw]
             for t, l in zip(tops.tolist(), lefts.tolist()):
                 idx.append(torch.tensor([(t + y) * g + l + xx for y in range(ws) for xx in range(ws)]))
-        idx = torch.stack(idx).reshape(b, self.nw * n)
+        idx = torch.stack(idx).reshape(b, self.nw * n).to(imgs.device)
         win = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, d)).reshape(b * self.nw, n, d)
-        masked = torch.zeros(b * self.nw, n)
-        masked.scatter_(1, torch.argsort(torch.rand(b * self.nw, n), 1)[:, : int(n * 0.8)], 1.0)
+        masked = torch.zeros(b * self.nw, n, device=imgs.device)
+        masked.scatter_(1, torch.argsort(torch.rand(b * self.nw, n, device=imgs.device), 1)[:, : int(n * 0.8)], 1.0)
         m = masked.unsqueeze(-1)
         win = win * (1 - m) + self.mask_token * m
         x = torch.cat([self.cls.expand(b * self.nw, -1, -1), win], 1)
@@ -230,6 +239,8 @@ class Lomar(nn.Module):
 
 # ----------------------------------------------------------------------------- ResNet objectives
 def resnet18():
+    import timm
+
     return timm.create_model("resnet18", num_classes=0, global_pool="")
 
 
@@ -404,6 +415,15 @@ def time_step(model, views, steps=5):
 
     for _ in range(2):
         one()
+    if DEV.type == "cuda":
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            one()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
     t0 = time.perf_counter()
     for _ in range(steps):
         one()
@@ -412,21 +432,28 @@ def time_step(model, views, steps=5):
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/criterion/torch-steps.json")
-    one = [torch.randn(B, 3, S, S)]
-    two = [torch.randn(B, 3, S, S), torch.randn(B, 3, S, S)]
-    cases = {
-        "step_fcmae_convnextv2_atto_64px": (Fcmae, one),
-        "step_lomar_vit_tiny_64px": (Lomar, one),
-        "step_densecl_resnet18_64px": (DenseCl, two),
-        "step_byol_resnet18_64px": (Byol, two),
-        "step_care_resnet18_64px": (Care, two),
-    }
+    one = [torch.randn(B, 3, S, S, device=DEV)]
+    two = [torch.randn(B, 3, S, S, device=DEV), torch.randn(B, 3, S, S, device=DEV)]
+    if S == 64 and DEV.type == "cpu":
+        cases = {
+            "step_fcmae_convnextv2_atto_64px": (Fcmae, one),
+            "step_lomar_vit_tiny_64px": (Lomar, one),
+            "step_densecl_resnet18_64px": (DenseCl, two),
+            "step_byol_resnet18_64px": (Byol, two),
+            "step_care_resnet18_64px": (Care, two),
+        }
+    else:
+        windows = 4 if S // 16 >= 14 else 1
+        cases = {
+            f"step_fcmae_convnextv2_atto_{S}px": (Fcmae, one),
+            f"step_lomar_vit_base_{S}px": (lambda: Lomar(d=768, depth=12, heads=12, p=16, ws=7, nw=windows), one),
+        }
     only = os.environ.get("SELFSUP_BENCH_FILTER")
     results = {}
     for name, (cls, views) in cases.items():
         if only and only not in name:
             continue
-        secs = time_step(cls(), views)
+        secs = time_step(cls().to(DEV), views, steps=10 if DEV.type == "cuda" else 5)
         results[name] = secs
         print(f"{name}: {secs * 1e3:.0f} ms/step, {B / secs:.1f} images/s (PyTorch {torch.__version__})")
     os.makedirs(os.path.dirname(out), exist_ok=True)

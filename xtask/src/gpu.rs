@@ -74,6 +74,10 @@ pub fn gpu(args: &[String]) -> Result<()> {
     bench.args(["build", "--release", "-p", "selfsup-kernels", "--example", "gpu_bench", "--features", "cuda"]);
     env(&mut bench);
     run(&mut bench)?;
+    let mut steps = cargo();
+    steps.args(["build", "--release", "-p", "selfsup-benches", "--bin", "gpu_steps", "--features", "cuda"]);
+    env(&mut steps);
+    run(&mut steps)?;
 
     let carry = target.join("carry");
     let _ = std::fs::remove_dir_all(&carry);
@@ -83,7 +87,10 @@ pub fn gpu(args: &[String]) -> Result<()> {
         pack(&exe, &carry.join(carried))?;
     }
     pack(&target.join("release/examples/gpu_bench"), &carry.join("kernels-gpu-bench"))?;
-    std::fs::copy(root().join("benches/torch_kernels_gpu.py"), carry.join("torch_kernels_gpu.py"))?;
+    pack(&target.join("release/gpu_steps"), &carry.join("gpu-steps"))?;
+    for script in ["torch_kernels_gpu.py", "torch_train_step.py"] {
+        std::fs::copy(root().join("benches").join(script), carry.join(script))?;
+    }
     std::fs::write(carry.join("run.sh"), RUN_SH)?;
     let size: u64 = std::fs::read_dir(&carry)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
     println!(
@@ -219,5 +226,19 @@ else
 fi
 "$here/kernels-gpu-bench" "$out/selfsup-kernels.json" 2>&1 | tee "$out/bench.txt" || status=1
 "$py" "$here/torch_kernels_gpu.py" "$out/torch-kernels.json" "$out/selfsup-kernels.json" 2>&1 | tee -a "$out/bench.txt" || status=1
+# Whole training steps at 224 px, batch 128: FCMAE/ConvNeXt V2-atto and LoMaR/ViT-B/16.
+"$here/gpu-steps" --device cuda --size 224 --batch 128 --steps 10 --out "$out/selfsup-steps.json" 2>&1 | tee "$out/steps.txt" || status=1
+SELFSUP_STEP_DEVICE=cuda SELFSUP_STEP_SIZE=224 SELFSUP_STEP_BATCH=128 \
+  "$py" "$here/torch_train_step.py" "$out/torch-steps.json" 2>&1 | tee -a "$out/steps.txt" || status=1
+"$py" - "$out" <<'PY' | tee -a "$out/steps.txt" || status=1
+import json, os, sys
+d = sys.argv[1]
+ours, torch = (json.load(open(os.path.join(d, f))) for f in ("selfsup-steps.json", "torch-steps.json"))
+print("| step (batch 128, 224 px) | selfsup images/s | PyTorch images/s | speed vs PyTorch |")
+print("|---|---|---|---|")
+for k, s in ours.items():
+    peer = torch.get(k.replace("_reference", ""))
+    print(f"| {k} | {128 / s:.0f} | {128 / peer:.0f} | {peer / s:.2f}x |" if peer else f"| {k} | {128 / s:.0f} | | |")
+PY
 exit $status
 "#;
