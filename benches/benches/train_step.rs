@@ -11,8 +11,7 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use selfsup_benches::randn;
 use selfsup_models::{Arch, ModelConfig, Vars};
-use selfsup_objectives::{byol, Objective, ObjectiveConfig, Step};
-use selfsup_train::optim::{AdamWConfig, Optimizer, OptimizerConfig, Param};
+use selfsup_objectives::{byol, Objective, Step};
 
 const BATCH: usize = 32;
 const SIZE: usize = 64;
@@ -31,19 +30,8 @@ fn model(arch: Arch) -> ModelConfig {
 
 /// One objective's full step, timed as criterion bench `name` in `group`.
 fn bench_step(c: &mut Criterion, group: &str, name: &str, model: &ModelConfig, objective: &str) {
-    let cfg: ObjectiveConfig = toml::from_str(objective).expect("valid objective table");
-    let online = Vars::new(0);
-    let mut obj = cfg.build(model, &online, &Device::Cpu, 0).expect("objective builds");
-    let frozen = obj.untrained_params();
-    let params = online
-        .params
-        .vars()
-        .into_iter()
-        .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f)))
-        .map(|(n, v)| Param::new(n, v))
-        .collect();
-    let adamw = AdamWConfig { lr: 1e-4, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.05 };
-    let mut opt = Optimizer::new(OptimizerConfig::Adamw(adamw), params).expect("optimizer");
+    let (mut obj, mut opt) =
+        selfsup_benches::objective_and_optimizer(model, objective, &Device::Cpu).expect("objective builds");
     let views: Vec<_> = (0..obj.num_views()).map(|v| randn(&[BATCH, 3, SIZE, SIZE], 1 + v as u64)).collect();
     let mut g = c.benchmark_group(group);
     g.sample_size(10);

@@ -13,9 +13,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use selfsup_models::{Arch, ModelConfig, Vars};
-use selfsup_objectives::{ObjectiveConfig, Step};
-use selfsup_train::optim::{AdamWConfig, Optimizer, OptimizerConfig, Param};
+use selfsup_models::{Arch, ModelConfig};
+use selfsup_objectives::Step;
 
 struct Args {
     device: Device,
@@ -52,19 +51,7 @@ fn args() -> Result<Args> {
 
 /// Seconds per step (median of `steps` after two warm-up steps).
 fn time_step(a: &Args, model: &ModelConfig, objective: &str) -> Result<f64> {
-    let cfg: ObjectiveConfig = toml::from_str(objective).context("objective table")?;
-    let online = Vars::new(0);
-    let mut obj = cfg.build(model, &online, &a.device, 0)?;
-    let frozen = obj.untrained_params();
-    let params = online
-        .params
-        .vars()
-        .into_iter()
-        .filter(|(n, _)| !frozen.iter().any(|f| n.starts_with(f)))
-        .map(|(n, v)| Param::new(n, v))
-        .collect();
-    let adamw = AdamWConfig { lr: 1e-4, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.05 };
-    let mut opt = Optimizer::new(OptimizerConfig::Adamw(adamw), params)?;
+    let (mut obj, mut opt) = selfsup_benches::objective_and_optimizer(model, objective, &a.device)?;
     let views = (0..obj.num_views())
         .map(|v| {
             selfsup_benches::randn(&[a.batch, 3, a.size, a.size], 1 + v as u64)

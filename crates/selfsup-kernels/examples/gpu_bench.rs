@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaStream};
 use selfsup_kernels::cuda::{AttnGradsMut, DevPos, Kernels};
-use selfsup_kernels::launch::{AttnDims, DwGeom};
+use selfsup_kernels::launch::{neighbour_table, AttnDims, DwGeom};
 
 fn median_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, mut f: impl FnMut()) -> f64 {
     for _ in 0..5 {
@@ -102,24 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (b, hw, c, kk) = (128usize, 56usize, 40usize, 7usize);
     let taps = kk * kk;
     let vis: Vec<bool> = (0..b * hw * hw).map(|i| (i / hw / 8 + (i % hw) / 8) % 5 < 2).collect();
-    let mut lookup = vec![u32::MAX; vis.len()];
-    let mut sites = Vec::new();
-    for (i, &v) in vis.iter().enumerate() {
-        if v {
-            lookup[i] = sites.len() as u32;
-            sites.push(i);
-        }
-    }
-    let n = sites.len();
-    let mut nb = Vec::with_capacity(n * taps);
-    for &s in &sites {
-        let (bi, y, x) = (s / (hw * hw), ((s / hw) % hw) as isize, (s % hw) as isize);
-        for t in 0..taps {
-            let (ny, nx) = (y + (t / kk) as isize - 3, x + (t % kk) as isize - 3);
-            let inside = ny >= 0 && nx >= 0 && (ny as usize) < hw && (nx as usize) < hw;
-            nb.push(if inside { lookup[(bi * hw + ny as usize) * hw + nx as usize] } else { u32::MAX });
-        }
-    }
+    let (n, nb) = neighbour_table(&vis, b, hw, hw, kk)?;
     let (x, w, dy) = (
         stream.clone_htod(&random(n * c, 3))?,
         stream.clone_htod(&random(c * taps, 4))?,

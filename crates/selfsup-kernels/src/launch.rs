@@ -311,6 +311,44 @@ pub fn bucket_pairs(buckets: &[u32], n_buckets: usize) -> Result<(Vec<u32>, Vec<
     Ok((start, pairs))
 }
 
+/// The gather map of a k x k "same" submanifold conv over the visible positions of a (batch, h,
+/// w) grid, without candle: the visible sites in raster order, and for each site and tap
+/// (row-major (ky, kx)) the row of the visible neighbour or `u32::MAX`. The same table as
+/// `selfsup_ops::sparse::SiteMap::neighbours` (tested there), for users of the kernels alone.
+pub fn neighbour_table(
+    visible: &[bool],
+    batch: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+) -> Result<(usize, Vec<u32>), KernelError> {
+    if visible.len() != batch * h * w || k.is_multiple_of(2) {
+        return Err(KernelError::Shape(format!(
+            "neighbour_table: {} flags for a ({batch}, {h}, {w}) grid, kernel {k} (must be odd)",
+            visible.len()
+        )));
+    }
+    let mut lookup = vec![u32::MAX; visible.len()];
+    let mut sites = Vec::new();
+    for (i, &v) in visible.iter().enumerate() {
+        if v {
+            lookup[i] = sites.len() as u32;
+            sites.push(i);
+        }
+    }
+    let r = (k / 2) as isize;
+    let mut nb = Vec::with_capacity(sites.len() * k * k);
+    for &s in &sites {
+        let (b, y, x) = (s / (h * w), ((s / w) % h) as isize, (s % w) as isize);
+        for t in 0..k * k {
+            let (ny, nx) = (y + (t / k) as isize - r, x + (t % k) as isize - r);
+            let inside = ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w;
+            nb.push(if inside { lookup[(b * h + ny as usize) * w + nx as usize] } else { u32::MAX });
+        }
+    }
+    Ok((sites.len(), nb))
+}
+
 /// Errors unless a buffer holds `want` elements.
 pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<(), KernelError> {
     if got == want {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use selfsup_kernels::cuda::{AttnGradsMut, DevPos, Kernels};
 use selfsup_kernels::emulation::{self as emu, Pos};
-use selfsup_kernels::launch::{AttnDims, DwGeom};
+use selfsup_kernels::launch::{neighbour_table, AttnDims, DwGeom};
 
 struct Gpu {
     stream: Arc<CudaStream>,
@@ -71,29 +71,10 @@ impl Gpu {
     }
 }
 
-/// Visible sites of a random (batch, h, w) mask and the k x k neighbour table, as
-/// `selfsup_ops::sparse::SiteMap::neighbours` builds it.
+/// Visible sites of a random (batch, h, w) mask and the k x k neighbour table.
 fn neighbours(batch: usize, h: usize, w: usize, keep: f32, k: usize, rng: &mut Rng) -> (usize, Vec<u32>) {
     let vis: Vec<bool> = (0..batch * h * w).map(|_| (rng.f() + 1.0) / 2.0 < keep).collect();
-    let mut lookup = vec![u32::MAX; vis.len()];
-    let mut sites = Vec::new();
-    for (i, &v) in vis.iter().enumerate() {
-        if v {
-            lookup[i] = sites.len() as u32;
-            sites.push(i);
-        }
-    }
-    let r = (k / 2) as isize;
-    let mut nb = Vec::with_capacity(sites.len() * k * k);
-    for &s in &sites {
-        let (b, y, x) = (s / (h * w), ((s / w) % h) as isize, (s % w) as isize);
-        for t in 0..k * k {
-            let (ny, nx) = (y + (t / k) as isize - r, x + (t % k) as isize - r);
-            let inside = ny >= 0 && nx >= 0 && (ny as usize) < h && (nx as usize) < w;
-            nb.push(if inside { lookup[(b * h + ny as usize) * w + nx as usize] } else { u32::MAX });
-        }
-    }
-    (sites.len(), nb)
+    neighbour_table(&vis, batch, h, w, k).unwrap()
 }
 
 #[test]

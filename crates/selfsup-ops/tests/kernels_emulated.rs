@@ -87,6 +87,19 @@ fn sparse_conv_matches_the_cpu_op_values_and_gradients() {
 }
 
 #[test]
+fn the_kernels_crate_builds_the_same_gather_map_as_the_site_map() {
+    for (k, keep) in [(3, 0.5), (7, 0.4), (5, 1.0), (3, 0.0)] {
+        let mut r = Rng::new(k as u64);
+        let vis: Vec<bool> = (0..2 * 6 * 5).map(|_| r.bernoulli(keep)).collect();
+        let map = SiteMap::from_visible(&vis, 2, 6, 5).unwrap();
+        let (n, table) = selfsup_kernels::launch::neighbour_table(&vis, 2, 6, 5, k).unwrap();
+        assert_eq!(n, map.len());
+        assert_eq!(&table, map.neighbours(k).unwrap().idx.as_ref(), "k {k}, keep {keep}");
+    }
+    assert!(selfsup_kernels::launch::neighbour_table(&[true; 4], 1, 2, 2, 2).is_err());
+}
+
+#[test]
 fn sparse_conv_weight_gradient_spans_many_chunks() {
     // More sites than one weight-gradient chunk (64), so the partial sums are reduced.
     let map = random_map(4, 12, 11, 0.5, 7);
