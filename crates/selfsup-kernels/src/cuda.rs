@@ -74,12 +74,14 @@ fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> KernelErr
     move |e| KernelError::Cuda(format!("{what}: {e:?}"))
 }
 
-/// The kernels of one device: compiled modules, the architecture and the shared-memory limit.
+/// The kernels of one device: compiled modules, loaded functions (with the shared memory each
+/// was opted in to), the architecture and the shared-memory limit.
 pub struct Kernels {
     ctx: Arc<CudaContext>,
     arch: &'static str,
     smem_limit: u32,
     modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, (CudaFunction, u32)>>,
 }
 
 fn cfg(l: Launch) -> LaunchConfig {
@@ -125,7 +127,7 @@ impl Kernels {
         let smem_limit = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(cuda_err("shared memory limit"))? as u32;
-        Ok(Self { ctx, arch, smem_limit, modules: Mutex::new(HashMap::new()) })
+        Ok(Self { ctx, arch, smem_limit, modules: Mutex::default(), functions: Mutex::default() })
     }
 
     /// The architecture the modules are compiled for, e.g. "sm_90".
@@ -138,7 +140,19 @@ impl Kernels {
         self.smem_limit
     }
 
+    /// The entry point `entry` of `module`, compiling and loading the module on first use and
+    /// opting the function in to `smem` bytes of dynamic shared memory when that exceeds the
+    /// default 48 KiB.
     fn function(&self, module: Module, entry: &str, smem: u32) -> Result<CudaFunction, KernelError> {
+        let mut functions = self.functions.lock().expect("kernel function cache");
+        if let Some((f, opted)) = functions.get_mut(entry) {
+            if smem > SMEM_DEFAULT && smem > *opted {
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(cuda_err("dynamic shared memory"))?;
+                *opted = smem;
+            }
+            return Ok(f.clone());
+        }
         let m = {
             let mut cache = self.modules.lock().expect("kernel module cache");
             match cache.get(&module) {
@@ -152,10 +166,13 @@ impl Kernels {
             }
         };
         let f = m.load_function(entry).map_err(|e| KernelError::Cuda(format!("{entry}: {e:?}")))?;
+        let mut opted = SMEM_DEFAULT;
         if smem > SMEM_DEFAULT {
             f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(cuda_err("dynamic shared memory"))?;
+            opted = smem;
         }
+        functions.insert(entry.to_string(), (f.clone(), opted));
         Ok(f)
     }
 
