@@ -42,8 +42,13 @@ pub const SMEM_DEFAULT: u32 = 48 * 1024;
 /// Largest head dim the attention kernels take: each thread keeps up to four rows of this many
 /// floats in registers.
 pub const MAX_HEAD_DIM: usize = 128;
-/// Items (sites, or output rows) a weight-gradient block sums before the partials are reduced.
+/// Items (sites, or output rows) a weight-gradient block sums at least before the partials are
+/// reduced.
 pub const WGRAD_CHUNK: usize = 64;
+/// Most partial rows per weight gradient: larger inputs get longer chunks, which bounds the
+/// partial buffer and the ordered reduction (FCMAE-atto's first stage at 224 px, batch 128 and
+/// mask ratio 0.6, has about 160k sites: 157 per chunk).
+pub const MAX_CHUNKS: usize = 1024;
 
 /// A grid-stride launch over `total` elements (at least one block, so `total == 0` launches
 /// threads that do nothing).
@@ -76,8 +81,8 @@ pub fn chunked_sum(items: usize, channels: usize, rows: usize) -> Result<Chunked
     if rows == 0 || rows > MAX_GRID_YZ as usize {
         return Err(KernelError::Shape(format!("weight gradient: {rows} rows (taps + bias) out of 1..={MAX_GRID_YZ}")));
     }
-    // Chunks of at least WGRAD_CHUNK items, and no more chunks than grid.z allows.
-    let chunk = WGRAD_CHUNK.max(items.div_ceil(MAX_GRID_YZ as usize)).max(1);
+    // Chunks of at least WGRAD_CHUNK items, and at most MAX_CHUNKS of them.
+    let chunk = WGRAD_CHUNK.max(items.div_ceil(MAX_CHUNKS));
     let chunks = items.div_ceil(chunk).max(1);
     let block = (channels.div_ceil(32) * 32).clamp(32, 128) as u32;
     let partial = Launch {
@@ -437,7 +442,7 @@ mod tests {
             let s = chunked_sum(items, channels, rows).unwrap();
             let p = s.partial;
             assert!(p.block.x.is_multiple_of(32) && p.block.x <= 1024);
-            assert!(p.grid.y as usize == rows && p.grid.z <= MAX_GRID_YZ);
+            assert!(p.grid.y as usize == rows && p.grid.z as usize <= MAX_CHUNKS);
             assert!(p.grid.x as usize * p.block.x as usize >= channels, "channels covered");
             // The chunks tile the items: the last chunk starts inside, the one after is past.
             let (chunk, chunks) = (s.chunk as usize, s.chunks as usize);
