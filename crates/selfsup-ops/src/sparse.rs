@@ -377,6 +377,7 @@ fn sparse_cuda(
     let dev = s1.device.clone();
     let k = kernels(&dev)?;
     let idx = nb.device.get(&dev, &nb.idx)?;
+    let nb_len = nb.idx.len();
     let mut all = vec![s1, s2];
     all.extend(bias.map(|b| b.0));
     let dt = same_dtype(what, &all)?;
@@ -389,7 +390,7 @@ fn sparse_cuda(
             &x,
             &w,
             b.as_ref(),
-            &idx.as_view(),
+            &idx.slice(0..nb_len),
             &mut out.slice_mut(0..n * c),
             n,
             c,
@@ -442,12 +443,13 @@ impl CustomOp2 for SparseDwWeightGrad {
         let dev = s1.device.clone();
         let k = kernels(&dev)?;
         let idx = self.nb.device.get(&dev, &self.nb.idx)?;
+        let nb_len = self.nb.idx.len();
         with_float!(same_dtype(what, &[s1, s2])?, what, |T| {
             let mut out = zeros::<T>(&dev, len)?;
             let (dy, x) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
             let (mut dw, mut db) = out.split_at_mut(taps * c);
             let db = if self.with_bias { Some(&mut db) } else { None };
-            k.sparse_dw_wgrad(&dev.cuda_stream(), &dy, &x, &idx.as_view(), &mut dw, db, n, c, taps).map_err(err)?;
+            k.sparse_dw_wgrad(&dev.cuda_stream(), &dy, &x, &idx.slice(0..nb_len), &mut dw, db, n, c, taps).map_err(err)?;
             Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
         })
     }
