@@ -449,7 +449,8 @@ impl CustomOp2 for SparseDwWeightGrad {
             let (dy, x) = (view::<T>(s1, l1, what)?, view::<T>(s2, l2, what)?);
             let (mut dw, mut db) = out.split_at_mut(taps * c);
             let db = if self.with_bias { Some(&mut db) } else { None };
-            k.sparse_dw_wgrad(&dev.cuda_stream(), &dy, &x, &idx.slice(0..nb_len), &mut dw, db, n, c, taps).map_err(err)?;
+            k.sparse_dw_wgrad(&dev.cuda_stream(), &dy, &x, &idx.slice(0..nb_len), &mut dw, db, n, c, taps)
+                .map_err(err)?;
             Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len)))
         })
     }
