@@ -294,6 +294,14 @@ pub fn attention_q_resident(a: &AttnDims, d: usize, smem_limit: u32) -> Result<L
     per_window(a, a.lk as usize, 2 * lq * d + 2 * lq, smem_limit, "dk/dv backward")
 }
 
+/// Whether the attention kernels take windows of `lq` queries and `lk` keys with head dim `d`
+/// under a shared-memory limit (forward and both backward kernels). Callers with another path
+/// (selfsup-ops' composition of candle ops) use it to choose before launching.
+pub fn attention_fits(lq: usize, lk: usize, d: usize, smem_limit: u32) -> bool {
+    let a = AttnDims::separate(1, lq, lk, 1, 1.0);
+    attention_kv_resident(&a, d, smem_limit).is_ok() && attention_q_resident(&a, d, smem_limit).is_ok()
+}
+
 /// For each bucket, the (i * lk + j) pairs that fall in it, as a CSR list: pairs of bucket b
 /// are `pairs[start[b]..start[b + 1]]`, ascending. The table-gradient kernel sums in this order.
 pub fn bucket_pairs(buckets: &[u32], n_buckets: usize) -> Result<(Vec<u32>, Vec<u32>), KernelError> {
@@ -480,6 +488,19 @@ mod tests {
         assert!(attention_kv_resident(&a, 256, u32::MAX).unwrap_err().to_string().contains("head dim 256"));
         let empty = AttnDims::separate(0, 4, 4, 1, 1.0);
         assert!(attention_q_resident(&empty, 8, SMEM_DEFAULT).unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn attention_fits_lomar_and_vit_but_not_cvt_stage_one_on_an_h100() {
+        let h100 = 227 * 1024;
+        assert!(attention_fits(50, 50, 64, SMEM_DEFAULT), "LoMaR's windows fit without opting in");
+        assert!(attention_fits(197, 197, 64, h100), "ViT-B/16 global attention");
+        assert!(!attention_fits(197, 197, 64, SMEM_DEFAULT));
+        // CvT-13 stage 1: 56x56 queries over 28x28 keys of 64: 401 KB of K and V.
+        assert!(!attention_fits(3136, 784, 64, h100));
+        // The dk/dv kernel holds Q and dO: long queries over few keys are refused too.
+        assert!(!attention_fits(2000, 16, 64, h100));
+        assert!(!attention_fits(4, 4, 256, h100), "head dim beyond the register budget");
     }
 
     #[test]

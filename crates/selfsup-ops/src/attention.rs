@@ -761,7 +761,7 @@ pub fn window_attention_qkv(qkv: &Tensor, scale: f64, pos: &PositionBias) -> Res
     if three != 3 {
         candle_core::bail!("window_attention_qkv: axis 2 of qkv {:?} must be 3 (q, k, v)", qkv.shape())
     }
-    if !crate::has_kernel(qkv) {
+    if !crate::has_kernel(qkv) || !kernel_fits(qkv, l, l, d) {
         let part = |i| qkv.narrow(2, i, 1)?.squeeze(2);
         let out = window_attention_reference(&part(0)?, &part(1)?, &part(2)?, scale, pos)?;
         return Ok(out);
@@ -783,13 +783,26 @@ pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pos: &Po
     if (g2, h2, d2) != (g, h, d) || k.dims() != v.dims() {
         candle_core::bail!("window_attention: q {:?}, k {:?} and v {:?} do not match", q.shape(), k.shape(), v.shape())
     }
-    if !crate::has_kernel(q) {
+    if !crate::has_kernel(q) || !kernel_fits(q, lq, lk, d) {
         return window_attention_reference(q, k, v, scale, pos);
     }
     let q_src = q.unsqueeze(2)?;
     let kv = Tensor::stack(&[k, v], 2)?;
     let dims = Dims { g, lq, lk, h, d, sq: 1, qs: 0, skv: 2, ks: 0, vs: 1 };
     run(&q_src, &kv, dims, false, scale, pos)
+}
+
+/// Whether the fused op takes windows of this size on `t`'s device. Always on the CPU; on a
+/// CUDA device when a window fits the kernels' shared memory (selfsup-kernels), else the
+/// composition of candle ops runs (CvT's first stage: 3136 queries over 784 keys).
+fn kernel_fits(t: &Tensor, lq: usize, lk: usize, d: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = t.device() {
+        return crate::cuda::kernels(dev)
+            .is_ok_and(|k| selfsup_kernels::launch::attention_fits(lq, lk, d, k.smem_limit()));
+    }
+    let _ = (t, lq, lk, d);
+    true
 }
 
 fn run(q_src: &Tensor, kv_src: &Tensor, dims: Dims, fused: bool, scale: f64, pos: &PositionBias) -> Result<Tensor> {
