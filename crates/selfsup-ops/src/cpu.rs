@@ -29,7 +29,8 @@ pub(crate) fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -
 }
 
 /// True when the fast CPU kernel applies: f32 on the CPU. Other dtypes are converted to f32 by
-/// the public wrappers; other devices take the reference path (or a CUDA kernel, later).
+/// the public wrappers; other devices take the reference path or, for the ops in
+/// `crate::has_kernel`, a CUDA kernel.
 pub(crate) fn is_cpu_f32(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }

@@ -646,8 +646,8 @@ fn geometry(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, 
 ///
 /// `xs`: (b, h, w, c); `weight`: (m * c, 1, kh, kw) (PyTorch layout, `m` the channel
 /// multiplier); `bias`: (m * c,). Returns (b, ho, wo, m * c). Gradients flow to all three.
-/// f32 on the CPU runs the fast kernel; bf16/f16 on the CPU are computed in f32; other devices
-/// use the reference until a kernel exists.
+/// f32 on the CPU runs the fast kernel; bf16/f16 on the CPU are computed in f32; f32/bf16/f16
+/// on a CUDA device run selfsup-kernels' kernel (feature `cuda`); other devices use the reference.
 ///
 /// ```
 /// # use candle_core::{Device, Tensor};

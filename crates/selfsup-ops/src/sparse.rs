@@ -498,7 +498,7 @@ fn check_sparse_args(x: &Tensor, nb: &Neighbours, weight: &Tensor, bias: Option<
 pub fn sparse_depthwise_conv(x: &Tensor, nb: &Neighbours, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     check_sparse_args(x, nb, weight, bias)?;
     if !crate::has_kernel(x) {
-        // Until the CUDA kernel lands: the same computation from candle ops through the map.
+        // Without a kernel for this device or dtype: the same computation from candle ops.
         return sparse_depthwise_conv_gather(x, nb, weight, bias);
     }
     let (x, w) = (x.contiguous()?, weight.contiguous()?);
