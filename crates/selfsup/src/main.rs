@@ -6,6 +6,7 @@
 //! selfsup eval linear --checkpoint RUN_DIR [--preset standard|moco|care|mae] [--baselines] [--grid N]
 //!     [--weight-decay W] [--holdout N]
 //! selfsup eval finetune --checkpoint RUN_DIR [--preset convnextv2-atto|...] [--epochs N] [--baselines]
+//!     [--holdout N]
 //! selfsup report RUN_DIR [--font FILE]
 //! selfsup info [models|objectives|optimizers] [--size 224]
 //! ```
@@ -170,10 +171,8 @@ enum EvalCommand {
         /// Evaluation image side in pixels (default: the size of the run's first view).
         #[arg(long)]
         size: Option<usize>,
-        /// Pool the final feature map to an N x N grid and concatenate the cells (channels x N x N
-        /// features) instead of the backbone's global pool (Goyal et al. 2019's probe).
-        #[arg(long, value_name = "N")]
-        grid: Option<usize>,
+        #[command(flatten)]
+        pool: PoolArg,
         /// Feature-extraction batch size.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -197,17 +196,11 @@ enum EvalCommand {
         /// a wide grid-pooled feature may want some).
         #[arg(long)]
         weight_decay: Option<f64>,
-        /// Hold out the last N training images and score on them instead of the test split: a
-        /// validation set for choosing the probe's settings without looking at the test set.
-        #[arg(long, value_name = "N")]
-        holdout: Option<usize>,
         /// Also probe the same network at random init and the raw pixels.
         #[arg(long)]
         baselines: bool,
-        /// Pool the final feature map to an N x N grid and concatenate the cells (channels x N x N
-        /// features) instead of the backbone's global pool (Goyal et al. 2019's probe).
-        #[arg(long, value_name = "N")]
-        grid: Option<usize>,
+        #[command(flatten)]
+        pool: PoolArg,
         /// Feature-extraction batch size.
         #[arg(long, default_value_t = 500)]
         batch: usize,
@@ -353,6 +346,46 @@ struct RunSubset {
     /// Image side in pixels (default: the size of the run's first view).
     #[arg(long)]
     size: Option<usize>,
+    /// Hold out the last N training images and score on them instead of the test split: a
+    /// validation set for choosing settings without looking at the test set.
+    #[arg(long, value_name = "N")]
+    holdout: Option<usize>,
+}
+
+impl RunSubset {
+    /// The run's labelled splits as these flags select them.
+    fn setup(&self) -> Result<EvalSetup> {
+        let mut setup = eval_setup(&self.checkpoint, self.train, self.test, self.size)?;
+        if let Some(n) = self.holdout {
+            hold_out(&mut setup, n)?;
+        }
+        Ok(setup)
+    }
+
+    /// What the scored images are, for the printed tables.
+    fn scored(&self) -> &'static str {
+        if self.holdout.is_some() {
+            "held-out training images"
+        } else {
+            "test images"
+        }
+    }
+}
+
+/// How the backbone's final feature map becomes one feature vector.
+#[derive(clap::Args)]
+struct PoolArg {
+    /// Pool the final feature map to an N x N grid and concatenate the cells (channels x N x N
+    /// features) instead of the backbone's global pool (Goyal et al. 2019's probe).
+    #[arg(long, value_name = "N")]
+    grid: Option<usize>,
+}
+
+impl PoolArg {
+    /// `--grid N` as a pooling: absent is the backbone's global pool.
+    fn pooling(&self) -> Pooling {
+        self.grid.map_or(Pooling::Global, Pooling::Grid)
+    }
 }
 
 /// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
@@ -373,14 +406,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain { config, resume } => pretrain(config, resume),
         Command::Eval {
-            protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, grid, batch, json },
-        } => eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, pooling: pooling(grid), batch, json }),
+            protocol: EvalCommand::Knn { checkpoint, bank, queries, baselines, size, pool, batch, json },
+        } => eval_knn(checkpoint, KnnArgs { bank, queries, baselines, size, pooling: pool.pooling(), batch, json }),
         Command::Eval {
-            protocol: EvalCommand::Linear { run, preset, epochs, weight_decay, holdout, baselines, grid, batch, json },
-        } => {
-            let pooling = pooling(grid);
-            eval_linear(run, LinearArgs { preset, epochs, weight_decay, holdout, baselines, pooling, batch, json })
-        }
+            protocol: EvalCommand::Linear { run, preset, epochs, weight_decay, baselines, pool, batch, json },
+        } => eval_linear(
+            run,
+            LinearArgs { preset, epochs, weight_decay, baselines, pooling: pool.pooling(), batch, json },
+        ),
         Command::Eval { protocol: EvalCommand::Segment { pred, truth, classes, ignore, names, json } } => {
             eval_segment(&pred, &truth, classes, ignore, &names, json)
         }
@@ -632,11 +665,6 @@ fn pretrain(config: PathBuf, resume: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// `--grid N` as a pooling: absent is the backbone's global pool.
-fn pooling(grid: Option<usize>) -> Pooling {
-    grid.map_or(Pooling::Global, Pooling::Grid)
-}
-
 struct KnnArgs {
     bank: Option<usize>,
     queries: Option<usize>,
@@ -803,7 +831,6 @@ struct LinearArgs {
     preset: String,
     epochs: Option<usize>,
     weight_decay: Option<f64>,
-    holdout: Option<usize>,
     baselines: bool,
     pooling: Pooling,
     batch: usize,
@@ -811,7 +838,7 @@ struct LinearArgs {
 }
 
 fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
-    let LinearArgs { preset, epochs, weight_decay, holdout, baselines, pooling, batch, json } = args;
+    let LinearArgs { preset, epochs, weight_decay, baselines, pooling, batch, json } = args;
     let mut probe = match preset.as_str() {
         "standard" => ProbeConfig::standard(),
         "moco" => ProbeConfig::moco(),
@@ -828,10 +855,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         }
         probe.weight_decay = wd;
     }
-    let mut setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
-    if let Some(n) = holdout {
-        hold_out(&mut setup, n)?;
-    }
+    let setup = run.setup()?;
     let mut rows = Vec::new();
     for (name, train_f, test_f, secs) in feature_sets(&setup, baselines, pooling, batch)? {
         let t0 = Instant::now();
@@ -844,7 +868,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
         setup.cfg.data.path.display(),
         setup.train.len(),
         setup.test.len(),
-        if holdout.is_some() { "held-out training images" } else { "test images" },
+        run.scored(),
         setup.transform.size
     );
     println!("| features    | top-1 | top-5 | train top-1 |");
@@ -854,7 +878,7 @@ fn eval_linear(run: RunSubset, args: LinearArgs) -> Result<()> {
     }
     let value = serde_json::json!({
         "preset": preset, "probe": probe, "train": setup.train.len(), "test": setup.test.len(), "size": setup.transform.size,
-        "pooling": pooling.to_string(), "holdout": holdout.is_some(), "unseen_test_classes": setup.unseen,
+        "pooling": pooling.to_string(), "holdout": run.holdout.is_some(), "unseen_test_classes": setup.unseen,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"features": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("linear.json")), &value)
@@ -868,8 +892,8 @@ fn eval_finetune(
     json: Option<PathBuf>,
 ) -> Result<()> {
     cfg.validate()?;
-    let setup = eval_setup(&run.checkpoint, run.train, run.test, run.size)?;
-    let checkpoint = run.checkpoint;
+    let setup = run.setup()?;
+    let checkpoint = &run.checkpoint;
     let device = candle_core::Device::Cpu;
     let rule = LayerDecayRule::for_model(&setup.cfg.model)?;
     let train_set = setup.train.clone();
@@ -880,7 +904,7 @@ fn eval_finetune(
     let mut rows = Vec::new();
     for init in inits {
         let (vars, backbone) = if init == "pretrained" {
-            let (_, vars, backbone) = load_backbone_vars(&checkpoint, &device, cfg.drop_path)?;
+            let (_, vars, backbone) = load_backbone_vars(checkpoint, &device, cfg.drop_path)?;
             (vars, backbone)
         } else {
             random_backbone_vars(&setup.cfg, &device, cfg.drop_path)?
@@ -904,7 +928,7 @@ fn eval_finetune(
     }
     println!(
         "fine-tuning ({preset}: {} epochs, batch {}, lr {:.2e}, layer decay {}, smoothing {}, drop-path {}) on {} \
-         ({} training images, {} test images; input {} px), %:",
+         ({} training images, {} {}; input {} px), %:",
         cfg.epochs,
         cfg.batch_size,
         cfg.peak_lr(),
@@ -914,6 +938,7 @@ fn eval_finetune(
         setup.cfg.data.path.display(),
         setup.train.len(),
         setup.test.len(),
+        run.scored(),
         setup.transform.size
     );
     println!("| init        | top-1 | top-5 | last train loss | images/s |");
@@ -924,7 +949,7 @@ fn eval_finetune(
     }
     let value = serde_json::json!({
         "preset": preset, "config": cfg, "train": setup.train.len(), "test": setup.test.len(), "size": setup.transform.size,
-        "unseen_test_classes": setup.unseen, "layer_decay_rule": rule,
+        "holdout": run.holdout.is_some(), "unseen_test_classes": setup.unseen, "layer_decay_rule": rule,
         "results": rows.iter().map(|(n, r, s)| serde_json::json!({"init": n, "result": r, "seconds": s})).collect::<Vec<_>>(),
     });
     write_json(&json.unwrap_or_else(|| setup.cfg.output_dir.join("finetune.json")), &value)

@@ -175,6 +175,12 @@ fn pretrain_resume_and_knn_end_to_end() {
     let o = selfsup(&[&args[..], &mix].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read_to_string(&mix_json).unwrap().contains("\"mixup\": 0.8"));
+    // Fine-tuning scores on a held-out part of the training split the same way as the probe.
+    let o = selfsup(&[&args[..], &mix, &["--holdout", "32"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("64 training images, 32 held-out training images"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mix_json).unwrap()).unwrap();
+    assert_eq!((&json["train"], &json["test"], &json["holdout"]), (&64.into(), &32.into(), &true.into()));
     let o = selfsup(&[&args[..], &["--layer-decay", "0"]].concat());
     assert_fails_with(&o, &["layer_decay must lie in (0, 1], got 0"]);
 
