@@ -71,7 +71,17 @@ fn images_per_sec(images: usize, mut f: impl FnMut()) -> f64 {
     rates[REPEATS / 2]
 }
 
+/// The cases, as `cargo bench -- FILTER` names them.
+const CASES: [&str; 3] = ["data/decode", "data/byol_2view_224", "data/fcmae_1view_224"];
+
 fn main() {
+    // Honour the filter as the criterion benches do (the first argument that is not a flag), so
+    // `cargo xtask bench step` does not build the corpus and time the loader.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wanted = |case: &str| filter.as_deref().is_none_or(|f| case.contains(f));
+    if !CASES.iter().any(|c| wanted(c)) {
+        return;
+    }
     selfsup_benches::init();
     let workers: usize = std::env::var("SELFSUP_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let data = root().join("bench-data");
@@ -87,11 +97,13 @@ fn main() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build().unwrap();
     let mut results = serde_json::Map::new();
 
-    let decode = images_per_sec(IMAGES, || {
-        use rayon::prelude::*;
-        pool.install(|| (0..IMAGES).into_par_iter().for_each(|i| drop(store.image(i).unwrap())));
-    });
-    results.insert("decode".into(), json!(decode));
+    if wanted(CASES[0]) {
+        let decode = images_per_sec(IMAGES, || {
+            use rayon::prelude::*;
+            pool.install(|| (0..IMAGES).into_par_iter().for_each(|i| drop(store.image(i).unwrap())));
+        });
+        results.insert("decode".into(), json!(decode));
+    }
 
     let (mean, std) = (MEAN.to_vec(), STD.to_vec());
     let cases = [
@@ -105,6 +117,9 @@ fn main() {
         ("fcmae_1view_224", vec![ViewConfig::masked_modeling(224, mean.clone(), std.clone())]),
     ];
     for (name, views) in cases {
+        if !wanted(&format!("data/{name}")) {
+            continue;
+        }
         let opts = LoaderOptions { workers, ..Default::default() };
         let loader = Loader::new(store.clone(), views, 64, 0).unwrap().with_options(opts).unwrap();
         let mut epoch = 0;
