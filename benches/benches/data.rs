@@ -71,14 +71,14 @@ fn images_per_sec(images: usize, mut f: impl FnMut()) -> f64 {
     rates[REPEATS / 2]
 }
 
-/// The cases, as `cargo bench -- FILTER` names them.
-const CASES: [&str; 3] = ["data/decode", "data/byol_2view_224", "data/fcmae_1view_224"];
+/// The cases; `cargo bench -- FILTER` names them `data/<case>`.
+const CASES: [&str; 3] = ["decode", "byol_2view_224", "fcmae_1view_224"];
 
 fn main() {
     // Honour the filter as the criterion benches do (the first argument that is not a flag), so
     // `cargo xtask bench step` does not build the corpus and time the loader.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let wanted = |case: &str| filter.as_deref().is_none_or(|f| case.contains(f));
+    let wanted = |case: &str| filter.as_deref().is_none_or(|f| format!("data/{case}").contains(f));
     if !CASES.iter().any(|c| wanted(c)) {
         return;
     }
@@ -102,22 +102,22 @@ fn main() {
             use rayon::prelude::*;
             pool.install(|| (0..IMAGES).into_par_iter().for_each(|i| drop(store.image(i).unwrap())));
         });
-        results.insert("decode".into(), json!(decode));
+        results.insert(CASES[0].into(), json!(decode));
     }
 
     let (mean, std) = (MEAN.to_vec(), STD.to_vec());
     let cases = [
         (
-            "byol_2view_224",
+            CASES[1],
             vec![
                 ViewConfig::byol(224, 0, mean.clone(), std.clone()),
                 ViewConfig::byol(224, 1, mean.clone(), std.clone()),
             ],
         ),
-        ("fcmae_1view_224", vec![ViewConfig::masked_modeling(224, mean.clone(), std.clone())]),
+        (CASES[2], vec![ViewConfig::masked_modeling(224, mean.clone(), std.clone())]),
     ];
     for (name, views) in cases {
-        if !wanted(&format!("data/{name}")) {
+        if !wanted(name) {
             continue;
         }
         let opts = LoaderOptions { workers, ..Default::default() };
